@@ -1,0 +1,3 @@
+"""placeholder"""
+def check_supported(cfg):
+    pass
