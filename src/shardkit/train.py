@@ -42,10 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         from .launch import launch
 
         return launch(argv, options, cfg, plan)
-    if cfg.engine == "hf":
-        from .hf_engine import run
-    else:
-        from .worker import run
+    from .worker import run
+
     return run(cfg, plan)
 
 

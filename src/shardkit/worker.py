@@ -40,17 +40,22 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _strategy(cfg, plan, device):
+def _train_native(cfg, plan, device, dataset, record, memory) -> dict:
+    """shardkit's own loop; returns what each rank holds of each parameter."""
     if cfg.deepspeed:
-        from .zero3 import ZeroStrategy
+        from .zero3 import ZeroStrategy as Strategy
+    else:
+        from .fsdp import FsdpStrategy as Strategy  # FSDP2: newer-API module, imported only here
+    strategy = Strategy(cfg, plan, device)
+    from .loop import train
 
-        return ZeroStrategy(cfg, plan, device)
-    from .fsdp import FsdpStrategy
-
-    return FsdpStrategy(cfg, plan, device)
+    train(strategy, dataset, cfg, plan, device, record, memory)
+    return strategy.held_by_rank()
 
 
-def _summarize_holdings(held: dict) -> dict:
+def _summarize_holdings(held: dict | None) -> dict | None:
+    if held is None:
+        return None
     params = held["parameters"].values()
     return {"param_elements_local": sum(p["local"] for p in params),
             "param_elements_global": sum(p["global"] for p in params),
@@ -75,6 +80,7 @@ def run(cfg, plan) -> int:
                 stale.unlink(missing_ok=True)
             results.write_json_atomic(output / results.CONFIG_FILE, {"config": cfg.model_dump(), "plan": plan.to_dict(),
                                                                    "adaptations": record.get("cpu_adaptations", [])})
+        dist.barrier()
         if cfg.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -86,18 +92,22 @@ def run(cfg, plan) -> int:
 
         dataset = build_dataset(cfg, plan.model, plan.seq_len)
         data_info = dataset.info
-        strategy = _strategy(cfg, plan, device)
-        from .loop import train
+        if cfg.engine == "hf":
+            from .hf_engine import train as train_hf
 
-        train(strategy, dataset, cfg, plan, device, record, memory)
-        held = strategy.held_by_rank()
+            held = train_hf(cfg, plan, device, dataset, record, memory)
+        else:
+            held = _train_native(cfg, plan, device, dataset, record, memory)
         mine = {"rank": rank, "memory": memory.close(), "holds": _summarize_holdings(held), "held": held}
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
-        if rank == 0:
+        if rank == 0 and held is not None:
             # Per parameter and rank: what each rank holds of it (the planner's ground truth).
             results.write_json_atomic(output / "sharding.json",
-                                      {"per_rank": [{"rank": g["rank"], **g.pop("held")} for g in gathered]})
+                                      {"per_rank": [{"rank": g["rank"], **g["held"]} for g in gathered]})
+        if rank == 0:
+            for entry in gathered:
+                entry.pop("held")
             document = results.build(status="ok", cfg=cfg, plan=plan, record=record, per_rank=gathered,
                                      environment=environment, data_info=data_info, failure=None,
                                      launch_time=started, now=time.time())
