@@ -1,0 +1,65 @@
+"""The seed's two command lines, run verbatim from recipes/, and bad input as one line without traceback."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPES, cpu_env, run_train
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "gpu_stats.md"
+
+
+def seed_commands() -> dict[str, str]:
+    """The two ```-fenced torchrun commands of the seed document, joined into one line each."""
+    text = SEED.read_text()
+    blocks = re.findall(r"### (\w+)\n```\n(torchrun.*?)```", text, flags=re.S)
+    return {name: block.replace("\\\n", " ").strip() for name, block in blocks}
+
+
+@pytest.mark.skipif(not SEED.is_file(), reason="the seed document (../shared/seed/gpu_stats.md) is not beside the repo")
+@pytest.mark.parametrize("name, method, global_batch, steps", [
+    ("FSDP", "fsdp_offload", 1 * 8 * 8, 3 * (6000 // 8 // 1 // 8)),
+    ("Deepspeed", "deepspeed", 8 * 2 * 8, 3 * (6000 // 8 // 8 // 2)),
+])
+def test_seed_command_runs_verbatim_as_dry_run(name, method, global_batch, steps):
+    command = seed_commands()[name]
+    result = subprocess.run(f"{command} --dry_run True", shell=True, cwd=RECIPES, env=cpu_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "parameters   32,528,943,616" in out  # LLaMA-30B
+    assert "60 layers, hidden 6656" in out
+    assert f"method       {method} " in out
+    assert "world size   8" in out
+    assert f"= global {global_batch} sequences of 2048 tokens" in out
+    assert f"{steps} optimizer steps this run" in out
+    assert out.count("world size") == 1  # only rank 0 prints
+
+
+def test_dry_run_of_7b_prints_its_parameter_count():
+    result = run_train(["--model_name_or_path", "decapoda-research/llama-7b-hf", "--fsdp", "full_shard auto_wrap",
+                        "--nproc_per_node", "2", "--dry_run"])
+    assert result.returncode == 0, result.stderr
+    assert "6,738,415,616 (6.74e9)" in result.stdout
+    assert "world size   2" in result.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model_name_or_path", "llama-3b"], "--model_name_or_path 'llama-3b'"),
+    (["--data_path", "missing.jsonl", "--tokenizer_path", "tok"], "--data_path 'missing.jsonl': no such file"),
+    (["--deepspeed", "tests/data/broken.json", "--fsdp", ""], "tests/data/broken.json:4:"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size '0'"),
+    (["--num_examples", "1"], "2 ranks but only 1 examples"),
+    (["--warmup_ratio", "0.03", "--frobnicate"], "unknown flag '--frobnicate'"),
+])
+def test_bad_input_is_one_line_with_no_traceback(args, fragment, tmp_path):
+    result = run_train(["--fsdp", "full_shard auto_wrap", "--nproc_per_node", "2",
+                        "--output_dir", str(tmp_path / "out"), *args])
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("shardkit: error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything started

@@ -1,0 +1,97 @@
+"""Resolved runs: model shapes and counts, batch and step arithmetic, DeepSpeed "auto", bad input."""
+
+import json
+
+import pytest
+
+from shardkit.args import make_config
+from shardkit.errors import UsageError
+from shardkit.models import build_on_meta, parameter_counts, preset_name
+from shardkit.plan import resolve
+
+
+@pytest.mark.parametrize("name, total", [
+    # Published LLaMA-1 sizes: 6.7B, 13.0B, 32.5B, 65.2B (Touvron et al. 2023, Table 2).
+    ("decapoda-research/llama-7b-hf", 6_738_415_616),
+    ("llama-13b", 13_015_864_320),
+    ("30b", 32_528_943_616),
+    ("decapoda-research/llama-65b-hf", 65_285_660_672),
+])
+def test_presets_have_the_published_parameter_counts(name, total):
+    plan = resolve(make_config({"model_name_or_path": name, "fsdp": "full_shard auto_wrap"}), 8)
+    assert parameter_counts(build_on_meta(plan.model, "eager"))["total"] == total
+
+
+def test_layer_override_gives_the_7b_layer_shaped_probe():
+    cfg = make_config({"model_name_or_path": "llama-7b", "num_hidden_layers": 8, "fsdp": "full_shard"})
+    counts = parameter_counts(build_on_meta(resolve(cfg, 1).model, "eager"))
+    assert counts["matmul"] == 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # FACTS.md: 1.75e9
+
+
+def test_seed_fsdp_row_arithmetic():
+    cfg = make_config({"model_name_or_path": "llama-30b", "fsdp": "full_shard auto_wrap offload",
+                       "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "warmup_ratio": 0.03})
+    plan = resolve(cfg, 8)
+    assert plan.global_batch == 64 and plan.seq_len == 2048
+    assert plan.steps_per_epoch == 6000 // 8 // 1 // 8  # 93 optimizer steps per epoch
+    assert plan.full_run_steps == plan.total_steps == 279
+    assert plan.warmup_steps == 9  # ceil(0.03 x 279), as HF Trainer computes it
+
+
+def test_max_steps_is_a_probe_of_the_full_run():
+    cfg = make_config({"fsdp": "full_shard", "max_steps": 5, "per_device_train_batch_size": 2})
+    plan = resolve(cfg, 2)
+    assert plan.total_steps == 5 and plan.full_run_steps == 3 * (6000 // 2 // 2)
+
+
+def test_deepspeed_auto_values_resolved_from_flags(seed_ds_config):
+    cfg = make_config({"model_name_or_path": "llama-13b", "deepspeed": str(seed_ds_config), "bf16": True,
+                       "per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 2e-5,
+                       "warmup_ratio": 0.03})
+    ds = resolve(cfg, 4).deepspeed_config
+    assert ds["train_micro_batch_size_per_gpu"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 64
+    assert ds["optimizer"]["params"]["lr"] == 2e-5 and ds["bf16"]["enabled"] is True
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5120 * 5120
+    assert ds["scheduler"]["params"]["total_num_steps"] == 3 * (6000 // 4 // 8 // 2)
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+
+
+def test_explicit_deepspeed_batch_that_contradicts_the_flags(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 4}))
+    with pytest.raises(UsageError, match="train_micro_batch_size_per_gpu is 4 but the flags give 1"):
+        resolve(make_config({"deepspeed": str(path), "per_device_train_batch_size": 1}), 2)
+
+
+@pytest.mark.parametrize("values, ranks, fragment", [
+    ({"model_name_or_path": "gpt-j-6b"}, 2, "--model_name_or_path 'gpt-j-6b': not a preset"),
+    ({"data_path": "/nonexistent/alpaca.json"}, 2, "--data_path '/nonexistent/alpaca.json': no such file"),
+    ({"num_examples": 3}, 4, "4 ranks but only 3 examples"),
+    ({"num_examples": 16, "per_device_train_batch_size": 8}, 4, "needs more than the 16 examples"),
+    ({"deepspeed": "/nonexistent/ds.json", "fsdp": ""}, 2, "--deepspeed '/nonexistent/ds.json': no such file"),
+])
+def test_bad_input_names_the_problem(values, ranks, fragment):
+    values = {"fsdp": "full_shard", **values}
+    with pytest.raises(UsageError, match=None) as error:
+        resolve(make_config(values), ranks)
+    assert fragment in str(error.value)
+
+
+def test_malformed_deepspeed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "zero_optimization": {"stage": 3},\n  "bf16": {"enabled": true,}\n}\n')
+    with pytest.raises(UsageError) as error:
+        resolve(make_config({"deepspeed": str(path)}), 2)
+    assert str(error.value).startswith(f"{path}:3:")
+
+
+def test_no_parallel_method_is_refused():
+    with pytest.raises(UsageError, match="no parallel method"):
+        resolve(make_config({}), 1)
+
+
+def test_preset_names():
+    assert preset_name("decapoda-research/llama-7b-hf") == "llama-7b"
+    assert preset_name("13B") == "llama-13b"
+    assert preset_name("llama-70b") is None
