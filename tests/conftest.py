@@ -29,7 +29,7 @@ def tiny(output_dir: Path, method: str, *extra: str, ranks: int = 2) -> list[str
     methods = {
         "fsdp": ["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"],
         "fsdp_offload": ["--fsdp", "full_shard auto_wrap offload"],
-        "zero3": ["--deepspeed", str(ROOT / "tests" / "data" / "zero3.json")],
+        "zero3": ["--deepspeed", str(RECIPES / "configs" / "zero3_no_offload.json")],
         "zero3_offload": ["--deepspeed", str(SEED_DS_CONFIG)],
     }
     return ["--model_name_or_path", "tiny", "--nproc_per_node", str(ranks), *methods[method],

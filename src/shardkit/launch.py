@@ -58,18 +58,25 @@ def finish(cfg, plan, started: float, failures: dict) -> int:
     """Stamp the launcher's wall time into the ranks' results, or write results for ranks that died
     without writing any (killed by a signal)."""
     path = Path(cfg.output_dir) / results.RESULTS_FILE
-    now = time.time()
-    if path.is_file():
-        document = results.read_json(path)
-    else:
+    if not path.is_file():
         rank, exitcode = next(iter(failures.items()), (None, 1))
         failure = describe_signal_death(exitcode) or {"kind": "error", "device": None, "bytes_requested": None,
                                                       "message": f"exited with code {exitcode} without results"}
         failure.update(rank=rank, step=None)
-        status = "oom" if failure["kind"] == "oom" else "error"
-        document = results.build(status=status, cfg=cfg, plan=plan, record={}, per_rank=[], environment=None,
-                                 data_info=None, failure=failure, launch_time=started, now=now)
-    document["time"]["wall_time_s"] = now - started
+        return write_failure(cfg, plan, started, failure)
+    document = results.read_json(path)
+    document["time"]["wall_time_s"] = time.time() - started
     document["time"]["wall_time_source"] = "launcher"
     results.write_json_atomic(path, document)
+    return document["exit_code"]
+
+
+def write_failure(cfg, plan, started: float, failure: dict) -> int:
+    """Results for a run whose ranks could not write any (killed, timed out)."""
+    status = "oom" if failure["kind"] == "oom" else "error"
+    now = time.time()
+    document = results.build(status=status, cfg=cfg, plan=plan, record={}, per_rank=[], environment=None,
+                             data_info=None, failure=failure, launch_time=started, now=now)
+    document["time"]["wall_time_source"] = "launcher"
+    results.write_json_atomic(Path(cfg.output_dir) / results.RESULTS_FILE, document)
     return document["exit_code"]

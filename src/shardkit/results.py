@@ -78,7 +78,7 @@ def build(*, status: str, cfg, plan, record: dict, per_rank: list[dict], environ
         "status": status,
         "exit_code": STATUS_EXIT_CODES[status],
         "failure": failure,
-        "run": {"model": plan.model.name, "method": plan.method, "engine": plan.engine,
+        "run": {"name": cfg.run_name, "model": plan.model.name, "method": plan.method, "engine": plan.engine,
                 "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.gradient_checkpointing,
                 "bf16": cfg.bf16, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
                 "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch": plan.global_batch,

@@ -1,0 +1,56 @@
+"""Sessions over the shardkit package; `nox --list` shows them. Heavy ones are not run by default."""
+
+import shutil
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.default_venv_backend = "venv"
+
+# The CPU wheel that lies on this project's machines. Installed first, so that nothing resolves the
+# unpinned `torch` requirement to a multi-GB CUDA build.
+TORCH_CPU = "torch==2.13.0"
+
+
+def install(session: nox.Session, extras: str = "test") -> None:
+    session.install(TORCH_CPU)
+    session.install("-e", f".[{extras}]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite on CPU (multi-rank runs over gloo; GPU tests skip without a GPU)."""
+    install(session)
+    session.run("pytest", *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Lint and check import order with ruff."""
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "recipes", "noxfile.py", *session.posargs)
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """The kit's main job on its embedded default: tiny recipes, four methods, 2 CPU ranks, diffed and reported."""
+    if shutil.which("g++") is None:
+        session.skip("g++ is needed to JIT-build DeepSpeed's CPU ops")
+    install(session)
+    session.run("shardkit", "smoke", *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
+@nox.session(venv_backend="none", default=False)
+def reproduce(session: nox.Session) -> None:
+    """Run recipes on the visible GPUs, then diff and report: -- [RECIPES] [--probe N] [--force] [--timeout S]."""
+    # Runs in the current environment (the image's CUDA torch), never a fresh venv with the CPU wheel.
+    if shutil.which("nvidia-smi") is None and not any(arg.startswith("tiny") for arg in session.posargs):
+        session.skip("no GPU visible (nvidia-smi not found): `nox -s smoke` is the CPU path")
+    session.run("shardkit", "reproduce", *session.posargs)
+
+
+@nox.session(default=False)
+def diff(session: nox.Session) -> None:
+    """Diff results against the reference and write the report: -- RESULTS... [--strict] [--report DIR]."""
+    install(session, extras="deepspeed")
+    session.run("shardkit", "diff", *(session.posargs or ["results/full"]))

@@ -1,0 +1,147 @@
+"""Running recipes: one row (``shardkit run``) or many (``shardkit reproduce``), each row in its own process
+with a time limit, its results written atomically as it finishes, finished rows skipped on resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from . import recipes, results
+from .models import preset_name
+
+DEFAULT_RESULTS = Path("results")
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def needs_gpus(recipe: recipes.Recipe) -> bool:
+    """The table's rows need their GPUs; tiny recipes run anywhere (on CPU ranks without a GPU)."""
+    return preset_name(recipe.model) != "tiny"
+
+
+def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None) -> Path:
+    return root / (f"probe{probe}" if probe else "full") / recipe.name
+
+
+def train_argv(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None) -> list[str]:
+    argv = recipes.seed_argv(recipe, str(output_dir)) + ["--nproc_per_node", str(recipe.gpus)]
+    if probe:
+        argv += ["--max_steps", str(probe), "--save_strategy", "no"]
+    return argv + overrides
+
+
+def _tee(stream, log, echo: bool) -> None:
+    for line in iter(stream.readline, ""):
+        log.write(line)
+        log.flush()
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+
+def run_row(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None,
+            timeout_s: float | None, echo: bool = True) -> int:
+    """One row in its own process group; a row that outlives its limit is killed and recorded as an error."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    argv = train_argv(recipe, output_dir, overrides, probe)
+    started = time.time()
+    with open(output_dir / "train.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "shardkit.train", *argv], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        reader = threading.Thread(target=_tee, args=(process.stdout, log, echo), daemon=True)
+        reader.start()
+        try:
+            code = process.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
+            _kill_group(process)
+            if isinstance(stop, KeyboardInterrupt):
+                raise
+            code = _record_timeout(argv, output_dir, started, timeout_s)
+        finally:
+            reader.join(timeout=10)
+    return code
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def _resolved(argv: list[str]):
+    from .args import parse_args
+    from .models import build_on_meta, parameter_counts
+    from .plan import resolve
+
+    cfg, options = parse_args(argv)
+    plan = resolve(cfg, (options.nproc_per_node or 1) * options.nnodes)
+    plan.parameters = parameter_counts(build_on_meta(plan.model, cfg.attn_implementation))
+    return cfg, plan
+
+
+def check(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None) -> None:
+    """Raises UsageError (naming the recipe) if the row's command line would be refused."""
+    from .errors import UsageError
+
+    try:
+        _resolved(train_argv(recipe, output_dir, overrides, probe))
+    except UsageError as error:
+        raise UsageError(f"recipe {recipe.name}: {error}") from None
+
+
+def _record_timeout(argv: list[str], output_dir: Path, started: float, timeout_s: float) -> int:
+    from .launch import write_failure
+
+    cfg, plan = _resolved(argv)
+    failure = {"kind": "error", "rank": None, "step": None, "device": None, "bytes_requested": None,
+               "message": f"timed out after {timeout_s:g} s (row time limit)"}
+    return write_failure(cfg, plan, started, failure)
+
+
+def finished(output_dir: Path) -> bool:
+    """A row is finished once its results file exists (it is written last, atomically)."""
+    return (output_dir / results.RESULTS_FILE).is_file()
+
+
+def reproduce(names: list[str], root: Path, probe: int | None, force: bool, timeout_s: float | None,
+              overrides: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
+    """Runs each row that can run here; returns {name: output folder} and {name: why not run}."""
+    from rich.console import Console
+
+    console = Console()
+    chosen = [recipes.load(name) for name in names]
+    for recipe in chosen:  # every row's flags are checked before any row runs
+        check(recipe, row_dir(root, recipe, probe), overrides, probe)
+    gpus = visible_gpus()
+    folders, not_run = {}, {}
+    for index, recipe in enumerate(chosen, start=1):
+        folder = row_dir(root, recipe, probe)
+        folders[recipe.name] = folder
+        header = f"[{index}/{len(chosen)}] {recipe.name}"
+        if needs_gpus(recipe) and recipe.gpus > gpus:
+            not_run[recipe.name] = f"needs {recipe.gpus} GPUs, {gpus} visible"
+            console.print(f"{header}: not run ({not_run[recipe.name]})")
+            continue
+        if finished(folder) and not force:
+            console.print(f"{header}: finished earlier, kept ({folder}; --force reruns)")
+            continue
+        console.rule(header)
+        code = run_row(recipe, folder, overrides, probe, timeout_s)
+        status = results.read_json(folder / results.RESULTS_FILE)["status"] if finished(folder) else f"exit {code}"
+        console.print(f"{header}: {status}")
+    return folders, not_run

@@ -1,0 +1,128 @@
+"""``shardkit``: run recipes, reproduce the table, diff results against it, and the CPU smoke job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import EXIT_USAGE, UsageError
+
+
+def _tolerance_flags(parser: argparse.ArgumentParser) -> None:
+    from .diff import Tolerances
+
+    defaults = Tolerances()
+    parser.add_argument("--memory-tol", type=float, default=defaults.memory_rel,
+                        help="relative tolerance on peak GPU memory (default %(default)s)")
+    parser.add_argument("--time-tol", type=float, default=defaults.time_rel,
+                        help="relative tolerance on normalized wall time (default %(default)s)")
+    parser.add_argument("--loss-tol", type=float, default=defaults.loss_abs,
+                        help="absolute per-step loss tolerance for tiny CPU rows (default %(default)s)")
+    parser.add_argument("--strict", action="store_true",
+                        help="also fail on rows better than the reference (the table reproduced as printed)")
+    parser.add_argument("--report", type=Path, default=None, help="write report.md/.csv/.png and verdicts.json here")
+    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON instead of a table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("recipes", help="list the recipes and the table row each reproduces")
+    run = sub.add_parser("run", help="run one recipe (extra flags override its values, e.g. --max_steps 10)")
+    run.add_argument("recipe")
+    run.add_argument("--results", type=Path, default=Path("results"), help="results root (default %(default)s)")
+    run.add_argument("--probe", type=int, default=None, help="measure N steps and project the full run")
+    run.add_argument("--timeout", type=float, default=None, help="kill the row after this many seconds")
+    run.add_argument("--print-command", action="store_true", help="print the seed-style torchrun command and exit")
+    repro = sub.add_parser("reproduce", help="run recipes (default: all table rows) on the visible GPUs, then diff")
+    repro.add_argument("recipes", nargs="*")
+    repro.add_argument("--results", type=Path, default=Path("results"))
+    repro.add_argument("--probe", type=int, default=None, help="measure N steps per row and project full runs")
+    repro.add_argument("--force", action="store_true", help="rerun rows that already have results")
+    repro.add_argument("--timeout", type=float, default=None, help="per-row time limit in seconds")
+    _tolerance_flags(repro)
+    diff = sub.add_parser("diff", help="compare results files or run folders with their reference rows")
+    diff.add_argument("results", nargs="+", type=Path)
+    _tolerance_flags(diff)
+    smoke = sub.add_parser("smoke", help="the tiny recipes on 2 CPU ranks, diffed against their reference curves")
+    smoke.add_argument("--results", type=Path, default=Path("results") / "smoke")
+    smoke.add_argument("--update-reference", action="store_true",
+                       help="write these runs as recipes/reference_tiny.json (with provenance)")
+    sub.add_parser("train", help="python -m shardkit.train (the seed's flags)", add_help=False)
+    return parser
+
+
+def _verdicts_out(verdicts, args) -> int:
+    from . import diff, report
+
+    if args.json:
+        print(json.dumps([v.to_dict() for v in verdicts], indent=2))
+    else:
+        width = max(len(v.recipe) for v in verdicts) if verdicts else 10
+        for v in verdicts:
+            print(f"{v.recipe:<{width}}  {v.verdict:<24}  {v.reason}")
+    if args.report:
+        paths = report.write(verdicts, args.report)
+        print(f"report: {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return diff.exit_code(verdicts, args.strict)
+
+
+def _tolerances(args):
+    from .diff import Tolerances
+
+    return Tolerances(memory_rel=args.memory_tol, time_rel=args.time_tol, loss_abs=args.loss_tol)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from .train import main as train_main
+
+        return train_main(argv[1:])
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return _dispatch(args, extra)
+    except UsageError as error:
+        print(f"shardkit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _dispatch(args, extra: list[str]) -> int:
+    from . import campaign, diff, recipes, reference
+
+    if args.command == "recipes":
+        for name in recipes.all_names():
+            print(f"{name:<40} {recipes.load(name).description}")
+        return 0
+    if args.command == "run":
+        recipe = recipes.load(args.recipe)
+        folder = campaign.row_dir(args.results, recipe, args.probe)
+        if args.print_command:
+            print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
+            return 0
+        return campaign.run_row(recipe, folder, extra, args.probe, args.timeout)
+    if args.command == "reproduce":
+        names = args.recipes or list(reference.load_table())
+        folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [])
+        found = diff.load_results(list(folders.values()))
+        verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
+                                not_run)
+        if args.report is None:
+            args.report = args.results / (f"probe{args.probe}" if args.probe else "full")
+        return _verdicts_out(verdicts, args)
+    if args.command == "diff":
+        found = diff.load_results(args.results)
+        if not found:
+            raise UsageError(f"no results.json in {', '.join(map(str, args.results))}")
+        verdicts = diff.compare(list(found), found, reference.load_table(), reference.load_tiny(), _tolerances(args))
+        return _verdicts_out(verdicts, args)
+    if args.command == "smoke":
+        from .smoke import smoke
+
+        return smoke(args.results, args.update_reference)
+    raise AssertionError(args.command)
