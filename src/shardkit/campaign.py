@@ -43,9 +43,9 @@ def _tee(stream, log, echo: bool) -> None:
     for line in iter(stream.readline, ""):
         log.write(line)
         log.flush()
-        if echo:
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        if echo:  # stderr: stdout is kept for the verdicts (--json)
+            sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def run_row(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None,
@@ -123,7 +123,7 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
     """Runs each row that can run here; returns {name: output folder} and {name: why not run}."""
     from rich.console import Console
 
-    console = Console()
+    console = Console(stderr=True)
     chosen = [recipes.load(name) for name in names]
     for recipe in chosen:  # every row's flags are checked before any row runs
         check(recipe, row_dir(root, recipe, probe), overrides, probe)

@@ -1,0 +1,160 @@
+"""Verdicts for every kind of case. The tiny rows use real CPU runs; the table-row cases start from a real
+result too, with GPU figures written in (a CPU cannot produce them): which figures, is said in each test."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, cpu_env
+
+from shardkit import diff, report
+from shardkit.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+
+H100 = "NVIDIA H100 80GB HBM3"
+H100_OVER_A100 = 989.4 / 312.0
+
+
+@pytest.fixture(scope="module")
+def real_result(tmp_path_factory):
+    """A real run of the tiny FSDP recipe on 2 CPU ranks."""
+    root = tmp_path_factory.mktemp("diff")
+    done = subprocess.run([sys.executable, "-m", "shardkit", "run", "tiny_fsdp_2cpu_bs4", "--results", str(root)],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:]
+    folder = root / "full" / "tiny_fsdp_2cpu_bs4"
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+def as_table_row(result, recipe, *, memory_gb=None, hours=None, status="ok", gpu=H100, probe=False):
+    """The real result, renamed to a table row, with GPU memory (table GB) and a full run's wall time
+    written in."""
+    doc = copy.deepcopy(result)
+    doc["run"]["name"] = recipe
+    doc["run"]["probe"] = probe
+    doc["status"] = status
+    doc["environment"]["gpu"] = {"name": gpu} if gpu else None
+    if memory_gb is not None:
+        doc["memory"]["max_over_ranks"]["gpu_nvml_used_peak_bytes"] = memory_gb * BYTES_PER_TABLE_GB
+    if hours is not None:
+        doc["time"]["wall_time_s"] = hours * 3600
+    if status != "ok":
+        doc["failure"] = {"kind": status, "rank": 1, "step": 3, "message": f"{status} for the test"}
+    return doc
+
+
+def judge(doc, tol=diff.Tolerances()):
+    name = doc["run"]["name"]
+    return diff.compare([name], {name: doc}, load_table(), load_tiny(), tol)[0]
+
+
+ROW = "llama-7b_fsdp_8gpu_bs4"  # reference: 56GB, 0:38:00
+OOM_ROW = "llama-30b_fsdp_8gpu_bs1"
+
+
+def test_reproduced_within_tolerance_after_normalization(real_result):
+    _, result = real_result
+    # 38 min on an A100 corresponds to 38 / 3.17 min on an H100 (datasheet ratio); 5% over on both.
+    v = judge(as_table_row(result, ROW, memory_gb=56 * 1.05, hours=38 / 60 / H100_OVER_A100 * 1.05))
+    assert v.verdict == "reproduced", v.reason
+    assert v.measured["normalization_factor"] == pytest.approx(H100_OVER_A100)
+    assert v.measured["time_s_normalized"] == pytest.approx(38 * 60 * 1.05)
+    assert v.measured["ratios"] == pytest.approx({"memory": 1.05, "time": 1.05})
+
+
+def test_better_and_worse_with_ratios(real_result):
+    _, result = real_result
+    better = judge(as_table_row(result, ROW, memory_gb=28, hours=38 / 60 / H100_OVER_A100))
+    assert better.verdict == "better" and "memory x0.50" in better.reason
+    worse = judge(as_table_row(result, ROW, memory_gb=28, hours=1.5 * 38 / 60 / H100_OVER_A100))
+    assert worse.verdict == "worse" and "time x1.50" in worse.reason and "memory x0.50" in worse.reason
+
+
+def test_tolerances_are_explicit_and_overridable(real_result):
+    _, result = real_result
+    doc = as_table_row(result, ROW, memory_gb=56 * 1.15, hours=38 / 60 / H100_OVER_A100)
+    assert judge(doc).verdict == "worse"
+    assert judge(doc, diff.Tolerances(memory_rel=0.2)).verdict == "reproduced"
+
+
+def test_out_of_memory_cases(real_result):
+    _, result = real_result
+    assert judge(as_table_row(result, OOM_ROW, status="oom")).verdict == "oom-as-reference"
+    fits = judge(as_table_row(result, OOM_ROW, memory_gb=79, hours=20))
+    assert fits.verdict == "fits-where-reference-oom"
+    lost = judge(as_table_row(result, ROW, status="oom"))
+    assert lost.verdict == "oom-where-reference-fit" and "rank 1, step 3" in lost.reason
+
+
+def test_error_and_not_run(real_result):
+    _, result = real_result
+    failed = judge(as_table_row(result, ROW, status="error"))
+    assert failed.verdict == "error" and "error for the test" in failed.reason
+    missing = diff.compare([ROW], {}, load_table(), load_tiny(), diff.Tolerances(),
+                           {ROW: "needs 8 GPUs, 0 visible"})[0]
+    assert (missing.verdict, missing.reason) == ("not-run", "needs 8 GPUs, 0 visible")
+
+
+def test_unknown_gpu_uses_its_measured_rate_and_no_gpu_is_not_normalized(real_result):
+    _, result = real_result
+    doc = as_table_row(result, ROW, memory_gb=56, hours=38 / 60, gpu="NVIDIA Future GPU")
+    doc["environment"]["matmul_bf16_flops"] = 624e12
+    v = judge(doc)
+    assert v.measured["normalization_factor"] == pytest.approx(2.0) and "measured" in v.measured["normalization"]
+    raw = judge(as_table_row(result, ROW, memory_gb=56, hours=38 / 60, gpu=None))
+    assert raw.measured["normalization_factor"] is None and raw.verdict == "reproduced"
+
+
+def test_probe_compares_its_projection(real_result):
+    _, result = real_result
+    assert result["run"]["probe"] is True  # the tiny recipe stops at MAX_STEPS
+    doc = as_table_row(result, ROW, memory_gb=56, probe=True)
+    doc["time"]["projected_full_run"]["wall_time_s"] = 38 * 60 / H100_OVER_A100
+    v = judge(doc)
+    assert v.measured["time_basis"] == "projected" and v.verdict == "reproduced"
+
+
+def test_tiny_rows_compare_loss_curves(real_result):
+    _, result = real_result
+    same = judge(result)
+    assert same.verdict == "reproduced", same.reason
+    shifted = copy.deepcopy(result)
+    shifted["loss"][2] += 0.01
+    off = judge(shifted)
+    assert off.verdict == "mismatch" and "at step 3" in off.reason
+
+
+def test_exit_codes_and_strict():
+    verdicts = [diff.Verdict("a", "reproduced", ""), diff.Verdict("b", "better", ""), diff.Verdict("c", "not-run", "")]
+    assert diff.exit_code(verdicts, strict=False) == 0
+    assert diff.exit_code(verdicts, strict=True) == 1
+    for failing in ("worse", "oom-where-reference-fit", "error", "mismatch"):
+        assert diff.exit_code([diff.Verdict("x", failing, "")], strict=False) == 1
+
+
+def test_report_rows_markdown_csv_and_figures(real_result, tmp_path):
+    _, result = real_result
+    verdicts = [judge(as_table_row(result, ROW, memory_gb=28, hours=0.1)),
+                judge(as_table_row(result, OOM_ROW, status="oom")), judge(result)]
+    paths = report.write(verdicts, tmp_path)
+    markdown, csv_text = paths["markdown"].read_text(), paths["csv"].read_text()
+    assert markdown.count("\n") == 2 + 3 and csv_text.count("\n") == 1 + 3
+    for row in report.rows(verdicts):
+        assert row["verdict"] in markdown and f"{row['recipe']},{row['verdict']}" in csv_text
+    assert "| 56GB |" in markdown
+    assert paths["png"].stat().st_size > 10_000 and paths["loss_png"].stat().st_size > 10_000
+
+
+def test_cli_diff_json_and_exit_code(real_result, tmp_path):
+    folder, result = real_result
+    worse = tmp_path / "worse.json"
+    worse.write_text(json.dumps(as_table_row(result, ROW, memory_gb=70, hours=1)))
+    done = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(folder), str(worse), "--json"],
+                          cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    verdicts = {v["recipe"]: v["verdict"] for v in json.loads(done.stdout)}
+    assert verdicts == {"tiny_fsdp_2cpu_bs4": "reproduced", ROW: "worse"}
+    relaxed = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(worse), "--memory-tol", "1",
+                              "--time-tol", "5"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
+    assert relaxed.returncode == 0 and "reproduced" in relaxed.stdout

@@ -1,0 +1,107 @@
+"""Recipes and the reference: every seed row is a recipe and a reference row, cell for cell."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from shardkit import recipes
+from shardkit.args import parse_args
+from shardkit.errors import UsageError
+from shardkit.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "gpu_stats.md"
+METHODS = {"FSDP": "fsdp", "FSDP + offload": "fsdp_offload", "Deepspeed + Zero 3 + Offload": "zero3_offload"}
+
+
+def seed_rows() -> list[list[str]]:
+    rows = []
+    for line in SEED.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0].startswith("LLaMA"):
+            rows.append(cells)
+    return rows
+
+
+def seconds(printed: str) -> int | None:
+    if printed == "X":
+        return None
+    hours, minutes, secs = map(int, printed.split(":"))
+    return hours * 3600 + minutes * 60 + secs
+
+
+@pytest.mark.skipif(not SEED.is_file(), reason="the seed document is not beside the repo")
+def test_reference_matches_the_seed_cell_for_cell():
+    rows = seed_rows()
+    table = sorted(load_table().values(), key=lambda r: r.row)
+    assert len(rows) == len(table) == 27
+    for (model, method, ckpt, batch, gpus, memory, time), ref in zip(rows, table, strict=True):
+        assert (ref.model, ref.method, ref.grad_ckpt) == (model, METHODS[method], ckpt == "yes")
+        assert (ref.batch, ref.gpus) == (int(batch), int(gpus))
+        assert (ref.memory_printed, ref.time_printed) == (memory, time)
+        assert ref.status == ("oom" if memory == "OOM" else "ok")
+        assert ref.memory_gb == (None if memory == "OOM" else float(memory.removesuffix("GB")))
+        assert ref.time_s == seconds(time)
+        assert (ref.status == "oom") == (time == "X")
+
+
+def test_every_reference_row_has_a_recipe_with_its_values():
+    for name, ref in load_table().items():
+        recipe = recipes.load(name)
+        assert recipe.model == f"decapoda-research/{ref.model.lower()}-hf"
+        assert (recipe.method, recipe.gpus, recipe.batch, recipe.grad_ckpt) == (ref.method, ref.gpus, ref.batch,
+                                                                                ref.grad_ckpt)
+        assert f"| {ref.memory_printed} | {ref.time_printed} |" in recipe.description
+
+
+def test_recipe_names_say_model_method_gpus_batch_and_checkpointing():
+    for name in load_table():
+        recipe = recipes.load(name)
+        expected = (f"{recipe.model.split('/')[-1].removesuffix('-hf')}_{recipe.method.replace('_', '-')}_"
+                    f"{recipe.gpus}gpu_bs{recipe.batch}" + ("" if recipe.grad_ckpt else "_nockpt"))
+        assert name == expected
+
+
+def test_table_gb_is_read_as_thousands_of_mib():
+    assert load_table()["llama-7b_fsdp_8gpu_bs1"].memory_bytes == 45 * BYTES_PER_TABLE_GB == 45 * 1000 * 2**20
+
+
+def test_tiny_reference_covers_the_tiny_recipes_with_provenance():
+    tiny = load_tiny()
+    assert set(tiny["runs"]) == {n for n in recipes.all_names() if n.startswith("tiny")}
+    assert tiny["provenance"]["versions"]["torch"] and tiny["provenance"]["git_commit"]
+    assert all(len(run["loss"]) == recipes.load(name).max_steps for name, run in tiny["runs"].items())
+
+
+@pytest.mark.parametrize("name, method, accumulation", [
+    ("llama-30b_fsdp-offload_8gpu_bs1", "fsdp_offload", 8), ("llama-30b_zero3-offload_8gpu_bs8", "deepspeed", 2)])
+def test_rendered_command_is_the_seed_command_with_the_row_values(name, method, accumulation):
+    recipe = recipes.load(name)
+    cfg, _ = parse_args(recipes.seed_argv(recipe, "out"))
+    assert cfg.method == method and cfg.gradient_accumulation_steps == accumulation
+    assert cfg.per_device_train_batch_size == recipe.batch and cfg.run_name == name
+    assert (cfg.learning_rate, cfg.warmup_ratio, cfg.num_train_epochs) == (2e-5, 0.03, 3)
+    assert (cfg.bf16, cfg.tf32, cfg.gradient_checkpointing, cfg.attn_implementation) == (True, True, True, "eager")
+    command = recipes.torchrun_command(recipe, "out")
+    assert command.startswith("torchrun --nproc_per_node=8 --master_port=22100 finetune_llama.py --model_name_or_path "
+                              "decapoda-research/llama-30b-hf --bf16 True --output_dir out --num_train_epochs 3")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("MODEL=tiny\nMETHOD=fsdp\nGPUS=2\nBATCH 4\n", "bad.env:4: expected KEY=VALUE"),
+    ("MODEL=tiny\nMETHOD=fsdp\nGPUS=2\nBATCH=4\nGRAD_CKPT=True\nLR=1\n", "bad.env:6: unknown key LR"),
+    ("MODEL=tiny\nMETHOD=ddp\nGPUS=2\nBATCH=4\nGRAD_CKPT=True\n", "bad.env:2: METHOD 'ddp'"),
+    ("MODEL=tiny\nMETHOD=fsdp\nGPUS=0\nBATCH=4\nGRAD_CKPT=True\n", "bad.env:3: GPUS '0'"),
+    ("MODEL=tiny\nGPUS=2\nGPUS=4\n", "bad.env:3: GPUS given twice"),
+    ("MODEL=tiny\nMETHOD=fsdp\nGPUS=2\nBATCH=4\n", "GRAD_CKPT"),
+])
+def test_malformed_recipe_is_one_line_naming_file_and_line(tmp_path, text, fragment):
+    (tmp_path / "bad.env").write_text(text)
+    with pytest.raises(UsageError) as error:
+        recipes.load("bad", folder=tmp_path)
+    assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(UsageError, match=re.escape("unknown recipe 'llama-7b_fsdp_3gpu_bs1'")):
+        recipes.load("llama-7b_fsdp_3gpu_bs1")
