@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cpu_env
 
+from conftest import ROOT, cpu_env
 from shardkit import diff, report
 from shardkit.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
 
@@ -44,7 +44,10 @@ def as_table_row(result, recipe, *, memory_gb=None, hours=None, status="ok", gpu
     return doc
 
 
-def judge(doc, tol=diff.Tolerances()):
+DEFAULT_TOLERANCES = diff.Tolerances()
+
+
+def judge(doc, tol=DEFAULT_TOLERANCES):
     name = doc["run"]["name"]
     return diff.compare([name], {name: doc}, load_table(), load_tiny(), tol)[0]
 

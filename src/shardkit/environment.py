@@ -59,6 +59,9 @@ def describe(world_size: int) -> dict:
         "python": platform.python_version(),
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
+        # DeepSpeed's CPU Adam (offload rows) runs on these threads: part of what the time measures.
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {name: _version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
         "container_image": os.environ.get("SHARDKIT_IMAGE_DIGEST"),

@@ -38,6 +38,10 @@ def launch(argv: list[str], options, cfg, plan) -> int:
 
     started = time.time()
     os.environ["SHARDKIT_LAUNCH_TIME"] = repr(started)
+    if (options.nproc_per_node or 1) > 1:
+        # What the torchrun command (the seed's launcher) does; without it every rank starts one OpenMP
+        # thread per core and N ranks oversubscribe the CPU (measured: 6x slower tiny ZeRO-3 steps).
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     multi_node = options.nnodes > 1 or options.rdzv_endpoint
     config = LaunchConfig(min_nodes=options.nnodes, max_nodes=options.nnodes,
                           nproc_per_node=options.nproc_per_node or 1,

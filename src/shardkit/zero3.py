@@ -106,19 +106,19 @@ class ZeroStrategy:
 
         deepspeed.init_distributed()  # adopts the process group the worker created
         self.config = plan.deepspeed_config
+        from transformers import LlamaForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this object lives, transformers builds models under deepspeed.zero.Init (parameters are
+        # partitioned as they are created) and keeps the rotary buffers out of bf16, which a bare zero.Init
+        # would cast them to.
+        self._zero3_marker = HfDeepSpeedConfig(self.config)
         config = llama_config(plan.model, cfg.attn_implementation)
         torch.manual_seed(cfg.seed)
         if plan.model.weights_dir:
-            from transformers import LlamaForCausalLM
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self._keep_alive = HfDeepSpeedConfig(self.config)  # makes from_pretrained load under zero.Init
             model = LlamaForCausalLM.from_pretrained(plan.model.weights_dir, config=config)
         else:
-            from transformers import LlamaForCausalLM
-
-            with deepspeed.zero.Init(config_dict_or_path=self.config):
-                model = LlamaForCausalLM(config)
+            model = LlamaForCausalLM._from_config(config)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         scheduler = None
