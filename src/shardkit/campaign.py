@@ -12,15 +12,26 @@ import time
 from pathlib import Path
 
 from . import recipes, results
+from .errors import UsageError
 from .models import preset_name
 
 DEFAULT_RESULTS = Path("results")
 
 
 def visible_gpus() -> int:
+    """GPUs this process can use; through NVML when the local torch is a CPU build (containers bring their
+    own CUDA torch)."""
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml.nvmlDeviceGetCount()
+    except Exception:  # no driver: no GPU
+        return 0
 
 
 def needs_gpus(recipe: recipes.Recipe) -> bool:
@@ -32,8 +43,22 @@ def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None) -> Path:
     return root / (f"probe{probe}" if probe else "full") / recipe.name
 
 
+def nodes_from_env() -> tuple[int, int, str | None]:
+    """torchrun's c10d rendezvous for a row spread over nodes: NNODES, NODE_RANK, RDZV_ENDPOINT (host:port)."""
+    nodes = int(os.environ.get("NNODES", "1"))
+    endpoint = os.environ.get("RDZV_ENDPOINT")
+    if nodes > 1 and not endpoint:
+        raise UsageError(f"NNODES={nodes} needs RDZV_ENDPOINT=host:port (the first node's address)")
+    return nodes, int(os.environ.get("NODE_RANK", "0")), endpoint
+
+
 def train_argv(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None) -> list[str]:
-    argv = recipes.seed_argv(recipe, str(output_dir)) + ["--nproc_per_node", str(recipe.gpus)]
+    nodes, node_rank, endpoint = nodes_from_env()
+    if recipe.gpus % nodes:
+        raise UsageError(f"recipe {recipe.name}: {recipe.gpus} GPUs do not split over NNODES={nodes}")
+    argv = recipes.seed_argv(recipe, str(output_dir)) + ["--nproc_per_node", str(recipe.gpus // nodes)]
+    if nodes > 1:
+        argv += ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--rdzv_endpoint", endpoint]
     if probe:
         argv += ["--max_steps", str(probe), "--save_strategy", "no"]
     return argv + overrides
@@ -65,7 +90,9 @@ def run_row(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], prob
             _kill_group(process)
             if isinstance(stop, KeyboardInterrupt):
                 raise
-            code = _record_timeout(argv, output_dir, started, timeout_s)
+            code = record_failure(argv, {"kind": "error", "rank": None, "step": None, "device": None,
+                                         "bytes_requested": None,
+                                         "message": f"timed out after {timeout_s:g} s (row time limit)"}, started)
         finally:
             reader.join(timeout=10)
     return code
@@ -96,21 +123,18 @@ def _resolved(argv: list[str]):
 
 def check(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None) -> None:
     """Raises UsageError (naming the recipe) if the row's command line would be refused."""
-    from .errors import UsageError
-
     try:
         _resolved(train_argv(recipe, output_dir, overrides, probe))
     except UsageError as error:
         raise UsageError(f"recipe {recipe.name}: {error}") from None
 
 
-def _record_timeout(argv: list[str], output_dir: Path, started: float, timeout_s: float) -> int:
+def record_failure(argv: list[str], failure: dict, started: float | None = None) -> int:
+    """Results for a row whose ranks wrote none (timed out, killed), in the row's output folder."""
     from .launch import write_failure
 
     cfg, plan = _resolved(argv)
-    failure = {"kind": "error", "rank": None, "step": None, "device": None, "bytes_requested": None,
-               "message": f"timed out after {timeout_s:g} s (row time limit)"}
-    return write_failure(cfg, plan, started, failure)
+    return write_failure(cfg, plan, started or time.time(), failure)
 
 
 def finished(output_dir: Path) -> bool:
@@ -119,8 +143,10 @@ def finished(output_dir: Path) -> bool:
 
 
 def reproduce(names: list[str], root: Path, probe: int | None, force: bool, timeout_s: float | None,
-              overrides: list[str]) -> tuple[dict[str, Path], dict[str, str]]:
-    """Runs each row that can run here; returns {name: output folder} and {name: why not run}."""
+              overrides: list[str], runner=None) -> tuple[dict[str, Path], dict[str, str]]:
+    """Runs each row that can run here, with ``runner`` (default: a local process; containers.run_recipe
+    bound to an image is the other); returns {name: output folder} and {name: why not run}."""
+    runner = runner or run_row
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -141,7 +167,7 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
             console.print(f"{header}: finished earlier, kept ({folder}; --force reruns)")
             continue
         console.rule(header)
-        code = run_row(recipe, folder, overrides, probe, timeout_s)
+        code = runner(recipe, folder, overrides, probe, timeout_s)
         status = results.read_json(folder / results.RESULTS_FILE)["status"] if finished(folder) else f"exit {code}"
         console.print(f"{header}: {status}")
     return folders, not_run

@@ -36,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--probe", type=int, default=None, help="measure N steps and project the full run")
     run.add_argument("--timeout", type=float, default=None, help="kill the row after this many seconds")
     run.add_argument("--print-command", action="store_true", help="print the seed-style torchrun command and exit")
+    _runner_flags(run)
     repro = sub.add_parser("reproduce", help="run recipes (default: all table rows) on the visible GPUs, then diff")
     repro.add_argument("recipes", nargs="*")
     repro.add_argument("--results", type=Path, default=Path("results"))
     repro.add_argument("--probe", type=int, default=None, help="measure N steps per row and project full runs")
     repro.add_argument("--force", action="store_true", help="rerun rows that already have results")
     repro.add_argument("--timeout", type=float, default=None, help="per-row time limit in seconds")
+    _runner_flags(repro)
     _tolerance_flags(repro)
     diff = sub.add_parser("diff", help="compare results files or run folders with their reference rows")
     diff.add_argument("results", nargs="+", type=Path)
@@ -50,8 +52,48 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--results", type=Path, default=Path("results") / "smoke")
     smoke.add_argument("--update-reference", action="store_true",
                        help="write these runs as recipes/reference_tiny.json (with provenance)")
+    image = sub.add_parser("image", help="make the local base image, fetch wheels, or build the image")
+    image.add_argument("action", choices=["base", "wheels", "build"])
+    image.add_argument("--flavour", choices=["cuda", "cpu"], default="cuda")
+    image.add_argument("--tag", default=None, help="image tag (default shardkit:FLAVOUR)")
+    image.add_argument("--base", default=None, help="base image (the cpu flavour needs the local base)")
+    slurm = sub.add_parser("slurm", help="print a Slurm batch script that runs a recipe on several nodes")
+    slurm.add_argument("recipe")
+    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--image", default=None, help="run in this container image (pyxis/enroot --container-image)")
+    slurm.add_argument("--time", default="48:00:00")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--results", default="results")
     sub.add_parser("train", help="python -m shardkit.train (the seed's flags)", add_help=False)
     return parser
+
+
+def _runner_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=["auto", "native", "docker"], default="auto",
+                        help="auto: in a container when the Docker daemon can give it GPUs and the image exists, "
+                             "else here")
+    parser.add_argument("--image", default="shardkit:cuda", help="image for --runner docker (default %(default)s)")
+
+
+def _row_runner(args):
+    """The function that runs one row, here or in a container; everything above it is shared."""
+    from . import campaign
+
+    if args.runner == "native":
+        return campaign.run_row
+    from . import containers
+
+    if args.runner == "auto":
+        try:
+            connection = containers.client()
+        except containers.DockerUnavailable:
+            return campaign.run_row
+        if not (containers.has_gpu_runtime(connection) and connection.images.list(name=args.image)):
+            return campaign.run_row
+    def in_container(recipe, folder, overrides, probe, timeout_s):
+        return containers.run_recipe(args.image, recipe, args.results, overrides, probe, timeout_s)
+
+    return in_container
 
 
 def _verdicts_out(verdicts, args) -> int:
@@ -105,10 +147,11 @@ def _dispatch(args, extra: list[str]) -> int:
         if args.print_command:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
-        return campaign.run_row(recipe, folder, extra, args.probe, args.timeout)
+        return _row_runner(args)(recipe, folder, extra, args.probe, args.timeout)
     if args.command == "reproduce":
         names = args.recipes or list(reference.load_table())
-        folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [])
+        folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [],
+                                              runner=_row_runner(args))
         found = diff.load_results(list(folders.values()))
         verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
                                 not_run)
@@ -121,6 +164,23 @@ def _dispatch(args, extra: list[str]) -> int:
             raise UsageError(f"no results.json in {', '.join(map(str, args.results))}")
         verdicts = diff.compare(list(found), found, reference.load_table(), reference.load_tiny(), _tolerances(args))
         return _verdicts_out(verdicts, args)
+    if args.command == "image":
+        from . import containers
+
+        if args.action == "base":
+            print(containers.make_local_base())
+        elif args.action == "wheels":
+            print(containers.fetch_wheels(args.flavour))
+        else:
+            base = args.base or (containers.LOCAL_BASE if args.flavour == "cpu" else None)
+            print(containers.build(args.flavour, args.tag, base))
+        return 0
+    if args.command == "slurm":
+        from .slurm import batch_script
+
+        print(batch_script(recipes.load(args.recipe), args.nodes, args.image, args.time, args.partition,
+                           args.results), end="")
+        return 0
     if args.command == "smoke":
         from .smoke import smoke
 

@@ -1,0 +1,57 @@
+# shardkit's image. Plain Dockerfile syntax only (no RUN --mount): docker-py, which `nox -s build` drives,
+# has no BuildKit. Every install is offline and hash-checked: the wheels are fetched on the host into
+# build/wheels first (`shardkit image wheels`), as an air-gapped GPU cluster needs anyway.
+#
+#   FLAVOUR=cuda (default): NVIDIA's CUDA 13.0 devel image, torch 2.14.1 (built for CUDA 13), DeepSpeed's
+#                           CPU Adam and fused Adam ops compiled for TORCH_CUDA_ARCH_LIST at build time.
+#   FLAVOUR=cpu:            the same stages on a local Debian base (`shardkit image base`), torch 2.13.0+cpu.
+ARG FLAVOUR=cuda
+# Tag and the digest published for it (seen pinned in public Dockerfiles, FACTS.md).
+ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04@sha256:e071e85c52ad91fc9ea24158ff5330876b2d1a5c4ac83ccc6066976835873c01
+
+FROM ${BASE_IMAGE} AS build
+ARG FLAVOUR
+# A100 and H100; DeepSpeed's op builder cannot parse torch's own "9.0a" (FACTS.md), so it is set here.
+ARG TORCH_CUDA_ARCH_LIST="8.0 9.0"
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+# The CUDA base has no Python; the CPU base was made with it (and g++ for DeepSpeed's CPU ops).
+RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
+      && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
+      && rm -rf /var/lib/apt/lists/*; fi
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY requirements /requirements
+COPY build/wheels /wheels
+RUN pip install --require-hashes -r /requirements/build.lock \
+ && pip install --require-hashes -r /requirements/${FLAVOUR}.lock
+# DeepSpeed after torch, without build isolation, so that its ops are compiled against this torch.
+RUN if [ "$FLAVOUR" = cuda ]; then \
+      export DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"; fi \
+ && pip install --require-hashes --no-deps --no-build-isolation -r /requirements/deepspeed.lock
+COPY pyproject.toml README.md /src/
+COPY src /src/src
+RUN pip install --no-deps --no-build-isolation /src
+
+FROM ${BASE_IMAGE} AS runtime
+ARG FLAVOUR
+ARG GIT_COMMIT=unknown
+ENV DEBIAN_FRONTEND=noninteractive
+RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
+      && apt-get install -y --no-install-recommends python3 python3-dev g++ \
+      && rm -rf /var/lib/apt/lists/*; fi
+COPY --from=build /opt/venv /opt/venv
+COPY recipes /opt/shardkit/recipes
+RUN useradd --create-home --uid 1000 shardkit && mkdir -p /results && chown shardkit /results
+ENV PATH=/opt/venv/bin:$PATH SHARDKIT_RECIPES=/opt/shardkit/recipes SHARDKIT_GIT_COMMIT=$GIT_COMMIT \
+    SHARDKIT_FLAVOUR=$FLAVOUR TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1
+# The image records its own versions, then proves it can import the training core.
+RUN pip freeze > /opt/shardkit/versions.txt && pip check \
+ && if [ "$FLAVOUR" = cpu ]; then export DS_ACCELERATOR=cpu; fi \
+ && python -c "import torch, transformers, deepspeed, shardkit.train, shardkit.hf_engine, shardkit.fsdp; \
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
+'deepspeed', deepspeed.__version__)"
+USER shardkit
+WORKDIR /opt/shardkit/recipes
+CMD ["shardkit", "--help"]

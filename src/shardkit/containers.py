@@ -1,0 +1,224 @@
+"""Images and containers through the Docker SDK for Python (docker-py).
+
+Builds stream their output as it comes and fail on the daemon's error, never on a missing "successfully
+tagged" line; a recipe's container is killed and removed in every case, Ctrl-C included. No client is
+created at import time."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from . import campaign, recipes, results
+from .errors import UsageError
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE_USER_ID = 1000  # the Dockerfile's non-root user
+DEFAULT_TAGS = {"cuda": "shardkit:cuda", "cpu": "shardkit:cpu"}
+LOCAL_BASE = "shardkit-base:bookworm"
+
+
+class DockerUnavailable(UsageError):
+    """The daemon cannot be reached, or cannot give containers GPUs."""
+
+
+def client():
+    import docker
+
+    try:
+        connection = docker.from_env()
+        connection.ping()
+    except docker.errors.DockerException as error:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise DockerUnavailable(f"cannot reach the Docker daemon at {where}: start it (dockerd, or systemctl start "
+                                f"docker) or set DOCKER_HOST ({type(error).__name__})") from None
+    return connection
+
+
+def has_gpu_runtime(connection) -> bool:
+    return "nvidia" in connection.info().get("Runtimes", {})
+
+
+# --- images ----------------------------------------------------------------------------------------
+
+def fetch_wheels(flavour: str, folder: Path = ROOT / "build" / "wheels") -> Path:
+    """Download every locked distribution into the build context, so that the build needs no network."""
+    folder.mkdir(parents=True, exist_ok=True)
+    platform = [] if flavour == "cpu" else ["--python-version", "3.12", "--platform", "manylinux_2_28_x86_64",
+                                            "--implementation", "cp"]
+    for lock in ("build", flavour, "deepspeed"):
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
+                        "-r", str(ROOT / "requirements" / f"{lock}.lock"), "-d", str(folder), *platform], check=True)
+    return folder
+
+
+def make_local_base(tag: str = LOCAL_BASE, suite: str = "bookworm") -> str:
+    """A Debian base image made here (no registry needed): debootstrap a root file system with Python, venv,
+    headers and g++ (for DeepSpeed's CPU ops), then import it. Needs root and Debian's debootstrap."""
+    connection = client()
+    if connection.images.list(name=tag):
+        return tag
+    if shutil.which("debootstrap") is None:
+        raise UsageError("debootstrap is needed to make the local base image (apt-get install debootstrap)")
+    with tempfile.TemporaryDirectory(prefix="shardkit-rootfs-") as scratch:
+        rootfs = Path(scratch) / "rootfs"
+        subprocess.run(["debootstrap", "--variant=minbase",
+                        "--include=python3,python3-venv,python3-pip,python3-dev,g++,ca-certificates",
+                        suite, str(rootfs), "http://deb.debian.org/debian"], check=True, stdout=subprocess.DEVNULL)
+        archive = Path(scratch) / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True)
+        repository, _, version = tag.partition(":")
+        connection.api.import_image_from_file(str(archive), repository=repository, tag=version or "latest")
+    return tag
+
+
+def build(flavour: str, tag: str | None = None, base: str | None = None, context: Path = ROOT,
+          echo=sys.stderr) -> str:
+    """Build the project's Dockerfile; streams the log and returns the image id."""
+    from .environment import git_commit
+
+    connection = client()
+    if not (context / "build" / "wheels").is_dir():
+        raise UsageError(f"{context / 'build' / 'wheels'}: no wheels; fetch them first (shardkit image wheels "
+                         f"--flavour {flavour})")
+    buildargs = {"FLAVOUR": flavour, "GIT_COMMIT": git_commit() or "unknown"}
+    if base:
+        buildargs["BASE_IMAGE"] = base
+    image_id = None
+    for chunk in connection.api.build(path=str(context), tag=tag or DEFAULT_TAGS[flavour], buildargs=buildargs,
+                                      rm=True, forcerm=True, decode=True, pull=False):
+        if "stream" in chunk:
+            echo.write(chunk["stream"])
+            echo.flush()
+        if "error" in chunk:
+            raise RuntimeError(f"docker build failed: {chunk['error'].strip()}")
+        image_id = chunk.get("aux", {}).get("ID", image_id)
+    if image_id is None:
+        raise RuntimeError("docker build ended without an image id")
+    return image_id
+
+
+def image_flavour(connection, image: str) -> str:
+    """cuda or cpu, as the image's SHARDKIT_FLAVOUR says (set by the Dockerfile)."""
+    env = connection.images.get(image).attrs["Config"].get("Env") or []
+    return next((e.split("=", 1)[1] for e in env if e.startswith("SHARDKIT_FLAVOUR=")), "cuda")
+
+
+def image_digest(connection, image: str) -> str:
+    """The registry digest when the image came from one, else the local image id."""
+    found = connection.images.get(image)
+    return (found.attrs.get("RepoDigests") or [found.id])[0]
+
+
+# --- running a recipe ----------------------------------------------------------------------------
+
+def _stream_logs(container, log_path: Path, echo) -> None:
+    with open(log_path, "a") as log:
+        for chunk in container.logs(stream=True, follow=True):
+            text = chunk.decode(errors="replace")
+            log.write(text)
+            log.flush()
+            if echo is not None:
+                echo.write(text)
+                echo.flush()
+
+
+def _writable_by_image_user(folder: Path, results_root: Path) -> None:
+    """As root on the host, hand the row's folders to the image's user; as anyone else, the container
+    runs as that user instead (see run_recipe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.getuid() != 0:
+        return
+    for path in [folder, *folder.relative_to(results_root).parents]:
+        target = results_root / path if path != folder else folder
+        os.chown(target, IMAGE_USER_ID, IMAGE_USER_ID)
+
+
+def run_recipe(image: str, recipe: recipes.Recipe, results_root: Path, overrides: list[str], probe: int | None,
+               timeout_s: float | None, *, gpus: bool | None = None, mem_limit: str | None = None, network: str = "host",
+               echo=sys.stderr, recipes_dir: Path | None = None) -> int:
+    """One row in a container: GPUs requested (unless the image is the cpu flavour), results folder (and
+    optionally recipes) mounted, NCCL's and pinned memory's limits lifted. Returns the run's exit code
+    (0 ok, 1 error, 3 oom)."""
+    import docker
+    from docker.types import DeviceRequest, Ulimit
+
+    connection = client()
+    if gpus is None:
+        gpus = image_flavour(connection, image) != "cpu"
+    if gpus and not has_gpu_runtime(connection):
+        raise DockerUnavailable("the Docker daemon has no NVIDIA runtime: install the NVIDIA Container Toolkit "
+                                "and restart the daemon, or run without --docker")
+    results_root = results_root.resolve()
+    folder = campaign.row_dir(results_root, recipe, probe)
+    _writable_by_image_user(folder, results_root)
+    (folder / results.RESULTS_FILE).unlink(missing_ok=True)
+    command = ["shardkit", "run", recipe.name, "--results", "/results",
+               *(["--probe", str(probe)] if probe else []), *overrides]
+    environment = {"SHARDKIT_IMAGE_DIGEST": image_digest(connection, image), "SHARDKIT_RUN_ID": recipe.name}
+    for name in ("HF_TOKEN", "NNODES", "NODE_RANK", "RDZV_ENDPOINT"):  # secrets reach the run, never the image
+        if os.environ.get(name):
+            environment[name] = os.environ[name]
+    if not gpus:
+        environment["DS_ACCELERATOR"] = "cpu"
+    volumes = {str(results_root): {"bind": "/results", "mode": "rw"}}
+    if recipes_dir is not None:
+        volumes[str(recipes_dir.resolve())] = {"bind": "/opt/shardkit/recipes", "mode": "ro"}
+    options = dict(command=command, detach=True, environment=environment, volumes=volumes, network_mode=network,
+                   ulimits=[Ulimit(name="memlock", soft=-1, hard=-1)], mem_limit=mem_limit,
+                   labels={"shardkit.recipe": recipe.name})
+    if os.getuid() != 0:
+        options.update(user=f"{os.getuid()}:{os.getgid()}", environment={**environment, "HOME": "/tmp"})
+    if gpus:  # NCCL needs the host's IPC namespace (or a large /dev/shm) between ranks
+        options.update(ipc_mode="host", device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])])
+    else:
+        options.update(shm_size="1g")
+    container = None
+    try:
+        try:
+            container = connection.containers.run(image, **options)
+        except docker.errors.APIError as error:
+            if "could not select device driver" in str(error):
+                raise DockerUnavailable("the Docker daemon cannot give containers GPUs (no NVIDIA runtime)") from None
+            raise
+        streamer = threading.Thread(target=_stream_logs, args=(container, folder / "container.log", echo),
+                                    daemon=True)
+        streamer.start()
+        try:
+            code = container.wait(timeout=timeout_s)["StatusCode"]
+        except Exception as error:  # requests' ReadTimeout: the row outlived its limit
+            if "timed out" not in str(error).lower() and "timeout" not in type(error).__name__.lower():
+                raise
+            container.kill()
+            code = None
+        container.reload()
+        oom_killed = container.attrs["State"].get("OOMKilled", False)
+        streamer.join(timeout=10)
+        return _classify_exit(recipe, folder, overrides, probe, code, oom_killed, timeout_s)
+    finally:
+        if container is not None:
+            container.remove(force=True)  # kills it first if it still runs
+
+
+def _classify_exit(recipe, folder: Path, overrides, probe, code: int | None, oom_killed: bool,
+                   timeout_s) -> int:
+    """The container's ending as a result: the run's own results when it wrote them (ok, a CUDA OOM,
+    an error), else written here from the exit code (the kernel's OOM kill, a timeout, a crash)."""
+    if (folder / results.RESULTS_FILE).is_file():
+        return results.read_json(folder / results.RESULTS_FILE)["exit_code"]
+    if oom_killed:
+        failure = {"kind": "oom", "device": "host", "message": "container killed by the kernel's OOM killer "
+                                                               "(its memory limit)"}
+    elif code is None:
+        failure = {"kind": "error", "device": None, "message": f"timed out after {timeout_s:g} s (row time limit)"}
+    elif code == 137:
+        failure = {"kind": "error", "device": None, "message": "container killed (SIGKILL) without results"}
+    else:
+        failure = {"kind": "error", "device": None, "message": f"container exited with code {code} without results"}
+    failure.update(rank=None, step=None, bytes_requested=None, container_exit_code=code)
+    return campaign.record_failure(campaign.train_argv(recipe, folder, overrides, probe), failure)
