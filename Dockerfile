@@ -23,15 +23,12 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 COPY requirements /requirements
 COPY build/wheels /wheels
-RUN pip install --require-hashes -r /requirements/build.lock \
+RUN pip install --require-hashes --no-deps -r /requirements/build.lock \
  && pip install --require-hashes -r /requirements/${FLAVOUR}.lock
 # DeepSpeed after torch, without build isolation, so that its ops are compiled against this torch.
 RUN if [ "$FLAVOUR" = cuda ]; then \
       export DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"; fi \
  && pip install --require-hashes --no-deps --no-build-isolation -r /requirements/deepspeed.lock
-COPY pyproject.toml README.md /src/
-COPY src /src/src
-RUN pip install --no-deps --no-build-isolation /src
 
 FROM ${BASE_IMAGE} AS runtime
 ARG FLAVOUR
@@ -41,13 +38,17 @@ RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
       && apt-get install -y --no-install-recommends python3 python3-dev g++ \
       && rm -rf /var/lib/apt/lists/*; fi
 COPY --from=build /opt/venv /opt/venv
-COPY recipes /opt/shardkit/recipes
 RUN useradd --create-home --uid 1000 shardkit && mkdir -p /results && chown shardkit /results
-ENV PATH=/opt/venv/bin:$PATH SHARDKIT_RECIPES=/opt/shardkit/recipes SHARDKIT_GIT_COMMIT=$GIT_COMMIT \
-    SHARDKIT_FLAVOUR=$FLAVOUR TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONUNBUFFERED=1 \
-    HF_HUB_OFFLINE=1
-# The image records its own versions, then proves it can import the training core.
-RUN pip freeze > /opt/shardkit/versions.txt && pip check \
+ENV PATH=/opt/venv/bin:$PATH SHARDKIT_RECIPES=/opt/shardkit/recipes SHARDKIT_FLAVOUR=$FLAVOUR \
+    TORCH_EXTENSIONS_DIR=/tmp/torch_extensions PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# shardkit itself last, so that a change to it rebuilds only the layers below.
+COPY recipes /opt/shardkit/recipes
+COPY pyproject.toml README.md /opt/shardkit/src/
+COPY src /opt/shardkit/src/src
+ENV SHARDKIT_GIT_COMMIT=$GIT_COMMIT
+# Installed, then the image records its own versions and proves it can import the training core.
+RUN pip install --no-index --no-deps --no-build-isolation --no-cache-dir /opt/shardkit/src \
+ && pip freeze > /opt/shardkit/versions.txt && pip check \
  && if [ "$FLAVOUR" = cpu ]; then export DS_ACCELERATOR=cpu; fi \
  && python -c "import torch, transformers, deepspeed, shardkit.train, shardkit.hf_engine, shardkit.fsdp; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \

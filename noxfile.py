@@ -50,6 +50,17 @@ def reproduce(session: nox.Session) -> None:
 
 
 @nox.session(default=False)
+def build(session: nox.Session) -> None:
+    """Build the image through the Docker SDK: -- [cuda|cpu] (cpu also makes the local Debian base)."""
+    flavour = session.posargs[0] if session.posargs else "cuda"
+    install(session, extras="docker")
+    session.run("shardkit", "image", "wheels", "--flavour", flavour)
+    if flavour == "cpu":
+        session.run("shardkit", "image", "base")
+    session.run("shardkit", "image", "build", "--flavour", flavour)
+
+
+@nox.session(default=False)
 def diff(session: nox.Session) -> None:
     """Diff results against the reference and write the report: -- RESULTS... [--strict] [--report DIR]."""
     install(session, extras="deepspeed")

@@ -125,3 +125,30 @@ def test_hf_engine_refuses_fsdp_on_cpu_instead_of_falling_back_to_ddp(tmp_path):
     result = run_train(tiny(tmp_path / "hf", "fsdp", "--engine", "hf"))
     assert result.returncode == 2
     assert "silently falls back to DDP" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_local_hugging_face_weights_are_loaded_into_the_shards(tmp_path):
+    """A folder written by save_pretrained is loaded (rank 0 reads, every rank gets its shards): the run's
+    first loss is the saved model's loss on the same first batches, computed here without any sharding."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shardkit.data import RankSampler, synthetic
+
+    torch.manual_seed(7)
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, vocab_size=256, max_position_embeddings=64, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "weights")
+    out = tmp_path / "run"
+    result = run_train(tiny(out, "fsdp", "--model_name_or_path", str(tmp_path / "weights"), "--max_steps", "1",
+                            "--num_examples", "64", "--learning_rate", "0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = synthetic(64, 64, 256, seed=42)
+    expected = []
+    with torch.no_grad():
+        for rank in (0, 1):
+            first = list(RankSampler(64, rank, 2, seed=42))[:4]
+            batch = data.input_ids[first]
+            expected.append(model(input_ids=batch, labels=batch).loss.item())
+    assert results_of(out)["loss"][0] == pytest.approx(sum(expected) / 2, rel=1e-5)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import EXIT_USAGE, UsageError
+from .errors import EXIT_ERROR, EXIT_USAGE, UsageError
 
 
 def _tolerance_flags(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +72,8 @@ def _runner_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runner", choices=["auto", "native", "docker"], default="auto",
                         help="auto: in a container when the Docker daemon can give it GPUs and the image exists, "
                              "else here")
+    parser.add_argument("--docker", dest="runner", action="store_const", const="docker",
+                        help="the same as --runner docker")
     parser.add_argument("--image", default="shardkit:cuda", help="image for --runner docker (default %(default)s)")
 
 
@@ -127,11 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .containers import BuildFailed
+
     try:
         return _dispatch(args, extra)
     except UsageError as error:
         print(f"shardkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BuildFailed as error:
+        print(f"shardkit: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 def _dispatch(args, extra: list[str]) -> int:

@@ -27,11 +27,18 @@ class DockerUnavailable(UsageError):
     """The daemon cannot be reached, or cannot give containers GPUs."""
 
 
-def client():
-    import docker
+class BuildFailed(Exception):
+    """The daemon reported an error while building; the message is its last line."""
 
+
+def client():
     try:
-        connection = docker.from_env()
+        import docker
+    except ImportError:
+        raise DockerUnavailable("the Docker SDK for Python is not installed (pip install 'shardkit[docker]')") from None
+    try:
+        # Generous API timeout: creating a container copies the whole image on the vfs storage driver.
+        connection = docker.from_env(timeout=900)
         connection.ping()
     except docker.errors.DockerException as error:
         where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
@@ -96,10 +103,10 @@ def build(flavour: str, tag: str | None = None, base: str | None = None, context
             echo.write(chunk["stream"])
             echo.flush()
         if "error" in chunk:
-            raise RuntimeError(f"docker build failed: {chunk['error'].strip()}")
+            raise BuildFailed(f"docker build failed: {chunk['error'].strip()}")
         image_id = chunk.get("aux", {}).get("ID", image_id)
     if image_id is None:
-        raise RuntimeError("docker build ended without an image id")
+        raise BuildFailed("docker build ended without an image id")
     return image_id
 
 
@@ -158,7 +165,7 @@ def run_recipe(image: str, recipe: recipes.Recipe, results_root: Path, overrides
     folder = campaign.row_dir(results_root, recipe, probe)
     _writable_by_image_user(folder, results_root)
     (folder / results.RESULTS_FILE).unlink(missing_ok=True)
-    command = ["shardkit", "run", recipe.name, "--results", "/results",
+    command = ["shardkit", "run", recipe.name, "--runner", "native", "--results", "/results",
                *(["--probe", str(probe)] if probe else []), *overrides]
     environment = {"SHARDKIT_IMAGE_DIGEST": image_digest(connection, image), "SHARDKIT_RUN_ID": recipe.name}
     for name in ("HF_TOKEN", "NNODES", "NODE_RANK", "RDZV_ENDPOINT"):  # secrets reach the run, never the image
@@ -169,19 +176,26 @@ def run_recipe(image: str, recipe: recipes.Recipe, results_root: Path, overrides
     volumes = {str(results_root): {"bind": "/results", "mode": "rw"}}
     if recipes_dir is not None:
         volumes[str(recipes_dir.resolve())] = {"bind": "/opt/shardkit/recipes", "mode": "ro"}
-    options = dict(command=command, detach=True, environment=environment, volumes=volumes, network_mode=network,
-                   ulimits=[Ulimit(name="memlock", soft=-1, hard=-1)], mem_limit=mem_limit,
-                   labels={"shardkit.recipe": recipe.name})
+    options = dict(command=command, environment=environment, volumes=volumes, network_mode=network,
+                   mem_limit=mem_limit, labels={"shardkit.recipe": recipe.name})
+    if network == "none":
+        # torchrun's rendezvous advertises the hostname, which resolves in no network but as localhost.
+        options["hostname"] = "localhost"
     if os.getuid() != 0:
         options.update(user=f"{os.getuid()}:{os.getgid()}", environment={**environment, "HOME": "/tmp"})
-    if gpus:  # NCCL needs the host's IPC namespace (or a large /dev/shm) between ranks
-        options.update(ipc_mode="host", device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])])
+    if gpus:
+        # NCCL needs the host's IPC namespace (or a large /dev/shm) between ranks; offload pins its buffers,
+        # which the default memlock limit forbids (without a GPU nothing is pinned, so CPU runs keep it).
+        options.update(ipc_mode="host", device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])],
+                       ulimits=[Ulimit(name="memlock", soft=-1, hard=-1)])
     else:
         options.update(shm_size="1g")
     container = None
     try:
+        # Created, then started: a container that fails to start is still removed below.
+        container = connection.containers.create(image, **options)
         try:
-            container = connection.containers.run(image, **options)
+            container.start()
         except docker.errors.APIError as error:
             if "could not select device driver" in str(error):
                 raise DockerUnavailable("the Docker daemon cannot give containers GPUs (no NVIDIA runtime)") from None

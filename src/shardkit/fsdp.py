@@ -18,13 +18,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from .models import build_on_meta, decoder_layers
+from .models import build_on_meta, decoder_layers, enable_checkpointing
 from .optim import adamw, linear_schedule
 
 
 def parallelize(model, cfg, device: torch.device):
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
     # Pinned host memory needs an accelerator; without one pinning fails (FACTS.md).
     offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.fsdp_offload else OffloadPolicy()

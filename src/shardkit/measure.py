@@ -103,3 +103,25 @@ class MemoryMonitor:
 def host_rss_peak_bytes() -> int:
     """This process's peak resident set (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def matmul_bf16_flops(size: int = 4096, repeats: int = 20) -> float | None:
+    """The GPU's achieved bf16 matmul rate, measured once at start (the diff normalizes time with it when the
+    card is not in the peak table). Random data: zeros run faster than real data (METHOD.md). None on CPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    end.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 * repeats / seconds
+

@@ -99,3 +99,12 @@ def parameter_counts(model) -> dict[str, int]:
 
 def decoder_layers(model) -> list:
     return list(model.model.layers)
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute every decoder layer in backward (non-reentrant, which composes with FSDP2 and ZeRO-3).
+    transformers 5 renamed the method; the old name is all that transformers 4 has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from . import results
 from .errors import EXIT_ERROR, EXIT_OOM
 from .failures import classify
-from .measure import MemoryMonitor
+from .measure import MemoryMonitor, matmul_bf16_flops
 
 
 def launch_time() -> float:
@@ -67,7 +67,7 @@ def run(cfg, plan) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     output = Path(cfg.output_dir)
     record: dict = {}
-    environment = data_info = None
+    environment = data_info = memory = None
     try:
         device = _device(int(os.environ.get("LOCAL_RANK", 0)))
         if cfg.deepspeed and device.type == "cpu":
@@ -84,10 +84,11 @@ def run(cfg, plan) -> int:
         if cfg.tf32 and device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        memory = MemoryMonitor(cfg.nvml_sample_interval_s)
         from .environment import describe
 
         environment = describe(world)
+        environment["matmul_bf16_flops"] = matmul_bf16_flops()
+        memory = MemoryMonitor(cfg.nvml_sample_interval_s)  # after the matmul probe: its buffers don't count
         from .data import build_dataset
 
         dataset = build_dataset(cfg, plan.model, plan.seq_len)
@@ -122,7 +123,8 @@ def run(cfg, plan) -> int:
         output.mkdir(parents=True, exist_ok=True)
         log.write_text("".join(traceback.format_exception(error)))
         failure["traceback_file"] = str(log)
-        mine = {"rank": rank, "memory": None, "holds": None}
+        # This rank's peaks up to the failure: a CUDA OOM's reserved memory is the interesting figure.
+        mine = {"rank": rank, "memory": memory.close() if memory is not None else None, "holds": None}
         document = results.build(status=status, cfg=cfg, plan=plan, record=record, per_rank=[mine],
                                  environment=environment, data_info=data_info, failure=failure,
                                  launch_time=started, now=time.time())

@@ -102,7 +102,7 @@ class ZeroStrategy:
         import deepspeed
         import torch
 
-        from .models import llama_config
+        from .models import enable_checkpointing, llama_config
 
         deepspeed.init_distributed()  # adopts the process group the worker created
         self.config = plan.deepspeed_config
@@ -120,7 +120,7 @@ class ZeroStrategy:
         else:
             model = LlamaForCausalLM._from_config(config)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
         scheduler = None
         if "scheduler" not in self.config:
             from .optim import linear_schedule
