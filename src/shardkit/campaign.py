@@ -15,8 +15,6 @@ from . import recipes, results
 from .errors import UsageError
 from .models import preset_name
 
-DEFAULT_RESULTS = Path("results")
-
 
 def visible_gpus() -> int:
     """GPUs this process can use; through NVML when the local torch is a CPU build (containers bring their
