@@ -32,6 +32,35 @@ def visible_gpus() -> int:
         return 0
 
 
+def gpu_memory_bytes() -> int | None:
+    """The smallest visible GPU's memory (what a row must fit in), or None without a GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        return min(pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles) if handles else None
+    except Exception:  # no driver: no GPU
+        return None
+
+
+def predicted_oom(recipe: recipes.Recipe, gpu_memory: int | None) -> str | None:
+    """Why the planner expects this row not to fit on these GPUs (today's stack), or None."""
+    if gpu_memory is None or not needs_gpus(recipe):
+        return None
+    from .planner import GIB, predict_recipe
+
+    p = predict_recipe(recipe, "today", gpu_memory)
+    if p.verdict != "oom":
+        return None
+    return (f"predicted OOM: {p.live / GIB:.1f} GiB live on a {gpu_memory / GIB:.1f} GiB GPU "
+            f"(shardkit plan {recipe.name}; --run-predicted-oom runs it anyway)")
+
+
 def needs_gpus(recipe: recipes.Recipe) -> bool:
     """The table's rows need their GPUs; tiny recipes run anywhere (on CPU ranks without a GPU)."""
     return preset_name(recipe.model) != "tiny"
@@ -141,7 +170,8 @@ def finished(output_dir: Path) -> bool:
 
 
 def reproduce(names: list[str], root: Path, probe: int | None, force: bool, timeout_s: float | None,
-              overrides: list[str], runner=None) -> tuple[dict[str, Path], dict[str, str]]:
+              overrides: list[str], runner=None, run_predicted_oom: bool = False,
+              ) -> tuple[dict[str, Path], dict[str, str]]:
     """Runs each row that can run here, with ``runner`` (default: a local process; containers.run_recipe
     bound to an image is the other); returns {name: output folder} and {name: why not run}."""
     runner = runner or run_row
@@ -152,6 +182,7 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
     for recipe in chosen:  # every row's flags are checked before any row runs
         check(recipe, row_dir(root, recipe, probe), overrides, probe)
     gpus = visible_gpus()
+    memory = gpu_memory_bytes() if gpus and not run_predicted_oom else None
     folders, not_run = {}, {}
     for index, recipe in enumerate(chosen, start=1):
         folder = row_dir(root, recipe, probe)
@@ -160,6 +191,11 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
         if needs_gpus(recipe) and recipe.gpus > gpus:
             not_run[recipe.name] = f"needs {recipe.gpus} GPUs, {gpus} visible"
             console.print(f"{header}: not run ({not_run[recipe.name]})")
+            continue
+        skip = predicted_oom(recipe, memory)
+        if skip:
+            not_run[recipe.name] = skip
+            console.print(f"{header}: not run ({skip})")
             continue
         if finished(folder) and not force:
             console.print(f"{header}: finished earlier, kept ({folder}; --force reruns)")

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--probe", type=int, default=None, help="measure N steps per row and project full runs")
     repro.add_argument("--force", action="store_true", help="rerun rows that already have results")
     repro.add_argument("--timeout", type=float, default=None, help="per-row time limit in seconds")
+    repro.add_argument("--run-predicted-oom", action="store_true",
+                       help="also run rows the planner expects not to fit on these GPUs (skipped by default)")
     _runner_flags(repro)
     _tolerance_flags(repro)
     diff = sub.add_parser("diff", help="compare results files or run folders with their reference rows")
@@ -64,8 +66,28 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", default="48:00:00")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--results", default="results")
+    _plan_parser(sub)
     sub.add_parser("train", help="python -m shardkit.train (the seed's flags)", add_help=False)
     return parser
+
+
+def _plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="predict peak memory per GPU for recipes, or list what fits for a model "
+                                       "(docs/planner.md)")
+    plan.add_argument("recipes", nargs="*", help="recipe names (shardkit recipes lists them)")
+    plan.add_argument("--model", help="list the configurations of this model that fit, e.g. llama-30b")
+    plan.add_argument("--gpus", type=int, default=None, help="GPUs (default: the recipe's; needed with --model)")
+    plan.add_argument("--gpu-mem", default="80GiB",
+                      help="memory per GPU (default %(default)s; GB means GiB, as on an '80GB' card)")
+    plan.add_argument("--host-mem", default=None, help="host memory of the node, checked against what offload needs")
+    plan.add_argument("--stack", choices=["today", "2023"], default="today",
+                      help="today: shardkit's engine (FSDP2); 2023: the table's HF Trainer + torch 2.0 FSDP stack")
+    plan.add_argument("--global-batch", type=int, default=None,
+                      help="with --model: sequences per optimizer step, split into micro-batch x accumulation")
+    plan.add_argument("--calibration", action="store_true",
+                      help="every table row: the 2023 prediction against the table, with residuals")
+    plan.add_argument("--figure", default=None, help="with --calibration: also write this PNG")
+    plan.add_argument("--json", action="store_true", help="one JSON object per prediction (docs/planner.md)")
 
 
 def _runner_flags(parser: argparse.ArgumentParser) -> None:
@@ -158,7 +180,7 @@ def _dispatch(args, extra: list[str]) -> int:
     if args.command == "reproduce":
         names = args.recipes or list(reference.load_table())
         folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [],
-                                              runner=_row_runner(args))
+                                              runner=_row_runner(args), run_predicted_oom=args.run_predicted_oom)
         found = diff.load_results(list(folders.values()))
         verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
                                 not_run)
@@ -188,8 +210,44 @@ def _dispatch(args, extra: list[str]) -> int:
         print(batch_script(recipes.load(args.recipe), args.nodes, args.image, args.time, args.partition,
                            args.results), end="")
         return 0
+    if args.command == "plan":
+        return _plan(args)
     if args.command == "smoke":
         from .smoke import smoke
 
         return smoke(args.results, args.update_reference)
     raise AssertionError(args.command)
+
+
+def _plan(args) -> int:
+    from . import planner, recipes
+
+    gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem")
+    host_memory = planner.parse_size(args.host_mem, "--host-mem") if args.host_mem else None
+    if args.calibration:
+        rows = planner.calibration()
+        if args.figure:
+            planner.calibration_figure(rows, args.figure)
+        print(json.dumps(rows, indent=1) if args.json else planner.calibration_markdown(rows))
+        return 0
+    if args.model:
+        if args.recipes:
+            raise UsageError("give recipes or --model, not both")
+        if args.gpus is None:
+            raise UsageError("--model needs --gpus")
+        found = planner.search(args.model, args.gpus, gpu_memory, args.stack, args.global_batch, host_memory)
+        if args.json:
+            for p in found:
+                if p.verdict != "oom":
+                    print(json.dumps(p.to_dict()))
+        else:
+            print(planner.render_search(found, args.model, args.gpus, gpu_memory, args.stack))
+        return 0
+    if not args.recipes:
+        raise UsageError("name recipes to plan, or --model MODEL --gpus N")
+    if args.gpus is not None and args.gpus < 1:
+        raise UsageError(f"--gpus {args.gpus}: needs at least one GPU")
+    for name in args.recipes:
+        p = planner.predict_recipe(recipes.load(name), args.stack, gpu_memory, host_memory, args.gpus)
+        print(json.dumps(p.to_dict()) if args.json else planner.render(p) + "\n")
+    return 0

@@ -119,6 +119,12 @@ class TrainConfig(BaseModel):
     deepspeed: str | None = None
     """DeepSpeed JSON config file; "auto" values are filled from these flags as HF Trainer does."""
 
+    fake_world: int | None = Field(default=None, ge=2)
+    """Run rank 0 of an N-rank FSDP job alone, in this process, on a fake process group: collectives do
+    nothing, shards and allocations have their real 1/N shapes (torchtitan's dry run does the same). It
+    measures one rank's memory on one device; its time, loss and communication buffers are not the real
+    job's, and it writes no checkpoints (they would hold one rank's shards)."""
+
     engine: Engine = "native"
     """native: shardkit's own loop (FSDP2 fully_shard or deepspeed.initialize); hf: HF Trainer, the stack
     the table was measured with."""
@@ -167,6 +173,9 @@ class TrainConfig(BaseModel):
                              "supported: full_shard, auto_wrap, offload")
         if self.fsdp and "full_shard" not in self.fsdp.split():
             raise ValueError(f"--fsdp {self.fsdp!r}: only full_shard (ZeRO-3-like) sharding is in the table")
+        if self.fake_world and (not self.fsdp or self.engine != "native"):
+            raise ValueError(f"--fake_world {self.fake_world}: only for FSDP on the native engine (DeepSpeed and "
+                             "HF Trainer need real peers)")
         if self.fsdp_transformer_layer_cls_to_wrap not in (None, "LlamaDecoderLayer"):
             raise ValueError(f"--fsdp_transformer_layer_cls_to_wrap {self.fsdp_transformer_layer_cls_to_wrap!r}: "
                              "these models' decoder layer is LlamaDecoderLayer")

@@ -63,10 +63,13 @@ class FsdpStrategy:
         self.optimizer = adamw(model, cfg, fused=device.type == "cuda" and not cfg.fsdp_offload)
         self.scheduler = linear_schedule(self.optimizer, plan)
         self.accumulation = plan.gradient_accumulation_steps
+        self.gradient_bytes = 0
 
     def micro_step(self, batch: dict, last: bool):
-        # Gradients are reduce-scattered once per optimizer step, on the last micro-batch.
-        self.model.set_requires_gradient_sync(last)
+        # Every micro-batch reduce-scatters its gradients into the fp32 shards (torchtitan does the same).
+        # Skipping the sync until the last micro-batch (set_requires_gradient_sync) would save communication
+        # but hold the whole model's unsharded gradients, upcast to fp32 (4 bytes per parameter: 27 GB for
+        # LLaMA-7B): docs/planner.md.
         loss = self.model(**batch).loss
         (loss / self.accumulation).backward()
         return loss.detach()
@@ -74,6 +77,8 @@ class FsdpStrategy:
     def optimizer_step(self) -> None:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        # What this rank holds of the gradients at their largest (read for the planner's exact check).
+        self.gradient_bytes = sum(p.grad.to_local().nbytes for p in self.model.parameters() if p.grad is not None)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -100,4 +105,4 @@ class FsdpStrategy:
         state_bytes = sum(t.to_local().nbytes if hasattr(t, "to_local") else t.nbytes
                           for state in self.optimizer.state.values() for t in state.values()
                           if isinstance(t, torch.Tensor) and t.dim() > 0)
-        return {"parameters": params, "optimizer_state_bytes": state_bytes}
+        return {"parameters": params, "optimizer_state_bytes": state_bytes, "gradient_bytes": self.gradient_bytes}

@@ -59,7 +59,7 @@ def train(strategy, dataset, cfg, plan, device, record, memory) -> None:
                 record["loss"].append(_mean_over_ranks(torch.stack(losses).mean()))
                 record["lr"].append(strategy.current_lr())
                 progress.update(step, record["loss"][-1], tokens_per_step / elapsed, memory.current())
-                if cfg.save_strategy == "steps" and step % cfg.save_steps == 0:
+                if cfg.save_strategy == "steps" and step % cfg.save_steps == 0 and not cfg.fake_world:
                     started = time.perf_counter()
                     position = {"epoch": step // plan.steps_per_epoch}
                     checkpoints.save(strategy, cfg.output_dir, step, position, cfg.save_total_limit)

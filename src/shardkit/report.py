@@ -10,7 +10,8 @@ from pathlib import Path
 from .diff import Verdict
 from .results import write_json_atomic
 
-COLUMNS = ["recipe", "verdict", "reference_memory", "measured_memory_gb", "memory_ratio", "reference_time_s",
+COLUMNS = ["recipe", "verdict", "reference_memory", "measured_memory_gb", "predicted_memory_gb", "memory_ratio",
+           "reference_time_s",
            "measured_time_s", "time_basis", "normalized_time_s", "time_ratio", "gpu", "torch", "reason"]
 
 
@@ -18,6 +19,13 @@ def _fmt(value, digits: int = 2) -> str:
     if value is None:
         return ""
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _predicted(predicted: dict) -> str:
+    if not predicted:
+        return ""
+    figure = "OOM" if predicted["memory_gb"] is None else f"{predicted['memory_gb']:.1f}"
+    return f"{figure} ({predicted['stack']})"
 
 
 def rows(verdicts: list[Verdict]) -> list[dict]:
@@ -28,6 +36,7 @@ def rows(verdicts: list[Verdict]) -> list[dict]:
         out.append({
             "recipe": v.recipe, "verdict": v.verdict,
             "reference_memory": r.get("memory_printed", ""), "measured_memory_gb": _fmt(m.get("memory_gb"), 1),
+            "predicted_memory_gb": _predicted(v.predicted),
             "memory_ratio": _fmt(ratios.get("memory")), "reference_time_s": _fmt(r.get("time_s")),
             "measured_time_s": _fmt(m.get("time_s"), 0), "time_basis": m.get("time_basis", ""),
             "normalized_time_s": _fmt(m.get("time_s_normalized"), 0), "time_ratio": _fmt(ratios.get("time")),
@@ -85,9 +94,13 @@ def figure(verdicts: list[Verdict], path: Path) -> None:
                 ax.text(i + 0.2, 0, tag, rotation=90, ha="center", va="bottom", fontsize=7, color="#c62828")
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
+    for i, v in enumerate(verdicts):
+        if (v.predicted or {}).get("memory_gb") is not None:
+            axes[0].plot([i - 0.4, i + 0.4], [v.predicted["memory_gb"]] * 2, color="black", lw=1.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#9aa5b1", "#2e7d32", "#1565c0", "#c62828")]
-    axes[0].legend(handles, ["reference", "measured: reproduced", "measured: better", "measured: worse / other"],
-                   fontsize=8, loc="upper left")
+    handles.append(plt.Line2D([0], [0], color="black", lw=1.5))
+    axes[0].legend(handles, ["reference", "measured: reproduced", "measured: better", "measured: worse / other",
+                             "planner"], fontsize=8, loc="upper left")
     axes[1].set_xticks(list(positions), names, rotation=60, ha="right", fontsize=7)
     axes[0].set_title("shardkit: measured against the GPU Stats table (time normalized to the reference GPU)")
     fig.tight_layout()

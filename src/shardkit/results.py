@@ -81,7 +81,7 @@ def build(*, status: str, cfg, plan, record: dict, per_rank: list[dict], environ
         "failure": failure,
         "run": {"name": cfg.run_name, "model": plan.model.name, "method": plan.method, "engine": plan.engine,
                 "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.gradient_checkpointing,
-                "bf16": cfg.bf16, "world_size": plan.world_size, "micro_batch": plan.micro_batch,
+                "bf16": cfg.bf16, "world_size": plan.world_size, "fake_world": cfg.fake_world, "micro_batch": plan.micro_batch,
                 "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch": plan.global_batch,
                 "seq_len": plan.seq_len, "parameters": plan.parameters, "steps_planned": plan.total_steps,
                 "steps_full_run": plan.full_run_steps, "probe": plan.total_steps < plan.full_run_steps,

@@ -21,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         cfg, options = parse_args(argv)
-        if _under_torchrun():
+        if cfg.fake_world:
+            if (options.nproc_per_node or 1) not in (1, cfg.fake_world) or options.nnodes > 1:
+                raise UsageError(f"--fake_world {cfg.fake_world} runs one process standing for {cfg.fake_world} "
+                                 f"ranks; --nproc_per_node {options.nproc_per_node} / --nnodes {options.nnodes} "
+                                 "contradict it")
+            world = cfg.fake_world
+        elif _under_torchrun():
             world = int(os.environ.get("WORLD_SIZE", 1))
         else:
             world = (options.nproc_per_node or 1) * options.nnodes
@@ -38,10 +44,23 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(describe(plan, cfg))
         return 0
+    if cfg.fake_world:
+        return _run_fake_world(cfg, plan)
     if not _under_torchrun():
         from .launch import launch
 
         return launch(argv, options, cfg, plan)
+    from .worker import run
+
+    return run(cfg, plan)
+
+
+def _run_fake_world(cfg, plan) -> int:
+    """The one process is rank 0 of ``--fake_world`` ranks; the launcher's wall time is its own."""
+    import time
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(cfg.fake_world),
+                      SHARDKIT_LAUNCH_TIME=os.environ.get("SHARDKIT_LAUNCH_TIME") or repr(time.time()))
     from .worker import run
 
     return run(cfg, plan)

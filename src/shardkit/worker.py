@@ -59,7 +59,8 @@ def _summarize_holdings(held: dict | None) -> dict | None:
     params = held["parameters"].values()
     return {"param_elements_local": sum(p["local"] for p in params),
             "param_elements_global": sum(p["global"] for p in params),
-            "optimizer_state_bytes": held["optimizer_state_bytes"]}
+            "optimizer_state_bytes": held["optimizer_state_bytes"], "gradient_bytes": held["gradient_bytes"],
+            "master_bytes": held.get("master_bytes")}
 
 
 def run(cfg, plan) -> int:
@@ -74,7 +75,13 @@ def run(cfg, plan) -> int:
             from .zero3 import adapt_to_cpu
 
             record["cpu_adaptations"] = adapt_to_cpu(plan.deepspeed_config)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if cfg.fake_world:
+            # torchtitan's dry-run store: a process group whose collectives return at once.
+            from torch.testing._internal.distributed.fake_pg import FakeStore
+
+            dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=cfg.fake_world)
+        else:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if rank == 0:  # a previous run's outcome in this folder must not pass for this one's
             for stale in [output / results.RESULTS_FILE, *output.glob("error-rank*.log")]:
                 stale.unlink(missing_ok=True)
@@ -102,6 +109,8 @@ def run(cfg, plan) -> int:
         mine = {"rank": rank, "memory": memory.close(), "holds": _summarize_holdings(held), "held": held}
         gathered = [None] * world
         dist.all_gather_object(gathered, mine)
+        if cfg.fake_world:  # the fake group hands back N copies of rank 0: there is one rank
+            gathered = [mine]
         if rank == 0 and held is not None:
             # Per parameter and rank: what each rank holds of it (the planner's ground truth).
             results.write_json_atomic(output / "sharding.json",

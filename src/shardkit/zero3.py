@@ -136,6 +136,12 @@ class ZeroStrategy:
         # DeepSpeed scales the loss by 1/accumulation and steps the optimizer at the boundary itself.
         loss = self.engine(**batch).loss
         self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary():
+            # What this rank holds of the gradients before the step (read for the planner's exact check).
+            from deepspeed.utils import safe_get_local_grad
+
+            self.gradient_bytes = sum(g.nbytes for g in map(safe_get_local_grad, self.model.parameters())
+                                      if g is not None)
         self.engine.step()
         return loss.detach()
 
@@ -160,4 +166,6 @@ class ZeroStrategy:
         inner = getattr(self.engine.optimizer, "optimizer", None)
         state_bytes = sum(t.numel() * t.element_size() for state in getattr(inner, "state", {}).values()
                           for t in state.values() if hasattr(t, "numel") and t.dim() > 0)
-        return {"parameters": params, "optimizer_state_bytes": state_bytes}
+        master_bytes = sum(t.nbytes for t in getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", []))
+        return {"parameters": params, "optimizer_state_bytes": state_bytes, "master_bytes": master_bytes,
+                "gradient_bytes": getattr(self, "gradient_bytes", 0)}

@@ -1,0 +1,263 @@
+"""The memory planner: each term's formula, each method, the verdicts on the table's 27 rows, agreement with
+DeepSpeed's estimator, exact agreement with what CPU ranks hold, the CLI and its bad input."""
+
+import dataclasses
+import json
+import os
+import re
+
+import pytest
+
+from conftest import ROOT, results_of, run_train, tiny
+from shardkit import cli, planner, recipes, reference
+from shardkit import memory_model as mm
+
+GIB = 2**30
+LLAMA_7B = planner.shape_of("llama-7b")
+
+
+def by_name(p: planner.Prediction) -> dict[str, mm.Term]:
+    return {t.name: t for t in p.terms}
+
+
+def seven_b(method="fsdp", offload=False, gpus=8, batch=1, ckpt=True, accumulation=8, attention="eager",
+            stack="today") -> planner.Prediction:
+    return planner.predict(planner.workload("llama-7b", method, offload, gpus, batch, ckpt, accumulation, attention),
+                           stack)
+
+
+def test_llama_shapes_give_the_published_parameter_counts():
+    assert LLAMA_7B.params == 6_738_415_616
+    assert planner.shape_of("decapoda-research/llama-65b-hf").params == 65_285_660_672
+    assert sum(mm._numel(d) for unit in LLAMA_7B.units() for d in unit) == LLAMA_7B.params
+
+
+@pytest.mark.parametrize("stack", ["today", "2023"])
+def test_fsdp_model_states_are_16_bytes_per_parameter_over_n(stack):
+    terms = by_name(seven_b(stack=stack))
+    per_rank = LLAMA_7B.params // 8  # every LLaMA-7B dimension divides by 8: no padding
+    assert terms["fp32 parameter shard"].bytes == 4 * per_rank
+    assert terms["fp32 gradient shard"].bytes == 4 * per_rank
+    assert terms["Adam exp_avg + exp_avg_sq, fp32"].bytes == 8 * per_rank
+    assert {t.device for t in seven_b(offload=True, stack=stack).terms if t.group == "optimizer states"} == {"host"}
+
+
+def test_zero3_model_states_and_buckets():
+    p = seven_b("zero3", accumulation=2)
+    terms = by_name(p)
+    per_rank = LLAMA_7B.params // 8
+    assert terms["bf16 parameter partition"].bytes == 2 * per_rank
+    assert terms["bf16 gradient partition"].bytes == 2 * per_rank
+    assert terms["fp32 master partition"].bytes + terms["Adam exp_avg + exp_avg_sq, fp32"].bytes == 12 * per_rank
+    assert terms["largest module gathered, with its gradient"].bytes == 4 * 32000 * 4096
+    assert terms["gradient reduce bucket"].bytes == 4 * 4096**2  # reduce_bucket_size "auto" = hidden^2
+    offloaded = seven_b("zero3", offload=True, accumulation=2)
+    assert all(t.device == "host" for t in offloaded.terms if t.group in ("parameters", "gradients", "optimizer states"))
+    assert offloaded.host == 18 * LLAMA_7B.params  # per node: 2 + 4 + 12 bytes per parameter
+
+
+def test_activations_follow_the_per_layer_formula():
+    s, t = LLAMA_7B, 2048
+    p = by_name(seven_b(stack="2023"))
+    assert p["checkpointed layer inputs"].bytes == 2 * t * s.hidden * s.layers
+    assert p["one layer recomputed in backward"].bytes == 22 * t * s.hidden + 8 * t * s.intermediate + 8 * 32 * 2048**2
+    assert p["backward transient"].bytes == 6 * 32 * 2048**2
+    assert p["vocabulary-sized tensors of the loss"].bytes == 8 * t * 32000
+    assert by_name(seven_b(stack="today"))["vocabulary-sized tensors of the loss"].bytes == 12 * t * 32000
+    no_ckpt = by_name(seven_b(ckpt=False, stack="2023"))
+    assert no_ckpt["all 32 layers' saved tensors"].bytes == 32 * p["one layer recomputed in backward"].bytes
+    # batch scales every activation term linearly
+    four = by_name(seven_b(batch=4, stack="2023"))
+    assert four["checkpointed layer inputs"].bytes == 4 * p["checkpointed layer inputs"].bytes
+
+
+def test_memory_efficient_attention_has_no_quadratic_term():
+    def layer(seq):
+        w = planner.workload("llama-7b", "fsdp", False, 8, 1, True, 8, "sdpa", seq_len=seq)
+        return by_name(planner.predict(w))["one layer recomputed in backward"].bytes
+    assert layer(4096) == 2 * layer(2048)
+    eager = by_name(seven_b())["one layer recomputed in backward"].bytes
+    assert eager - layer(2048) > 6 * 32 * 2048**2 * 0.99
+
+
+def test_the_2023_stack_adds_no_sync_gradients_and_all_gathers_issued_ahead():
+    old, new = by_name(seven_b(stack="2023")), by_name(seven_b(stack="today"))
+    no_sync = "unsharded bf16 gradients accumulated under no_sync()"
+    assert old[no_sync].bytes == 2 * LLAMA_7B.params and no_sync not in new
+    assert no_sync not in by_name(seven_b(stack="2023", accumulation=1))
+    ahead = old["all-gathers issued ahead (limit_all_gathers=False)"]
+    assert ahead.kind == "elastic" and ahead.bytes == 30 * 2 * LLAMA_7B.layer_params
+    assert old["root unit unsharded (embeddings, LM head, norm)"].bytes == 2 * (2 * 32000 * 4096 + 4096)
+
+
+def test_phases_do_not_add_up():
+    p = seven_b(stack="2023")
+    always = sum(t.bytes for t in p.terms if t.device == "gpu" and t.kind == "live" and t.phase is None)
+    layer = sum(t.bytes for t in p.terms if t.device == "gpu" and t.kind == "live" and t.phase == "layer")
+    loss = sum(t.bytes for t in p.terms if t.device == "gpu" and t.kind == "live" and t.phase == "loss")
+    assert p.live == always + max(layer, loss) < always + layer + loss
+
+
+def test_verdicts_fits_at_capacity_and_oom():
+    w = planner.workload("llama-7b", "fsdp", False, 8, 1, True, 8)
+    p = planner.predict(w, "2023")
+    assert p.verdict == "fits" and p.reported == p.with_elastic
+    squeezed = planner.predict(w, "2023", gpu_memory=(p.live + p.with_elastic) // 2)
+    assert squeezed.verdict == "at capacity" and squeezed.reported == squeezed.gpu_memory
+    small = planner.predict(w, "2023", gpu_memory=p.live - 1)
+    assert small.verdict == "oom" and small.margin == -1 and small.reported is None
+
+
+TABLE = reference.load_table()
+# The two ZeRO-3 rows the planner gets wrong: it models what ZeRO-3 allocates and finds both within the card,
+# while the table's ZeRO-3 figures run 1.2-4.6x above that model (docs/planner.md, "Where it misses").
+WRONG_VERDICTS = {"llama-13b_zero3-offload_4gpu_bs1_nockpt", "llama-13b_zero3-offload_4gpu_bs16"}
+CALIBRATION = {row["recipe"]: row for row in planner.calibration()}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 under-predicted")) if n in WRONG_VERDICTS else n
+    for n in TABLE])
+def test_verdict_on_every_table_row(name):
+    row = CALIBRATION[name]
+    assert (row["verdict"] == "oom") == (TABLE[name].status == "oom"), row
+
+
+@pytest.mark.parametrize("name", [n for n, r in TABLE.items() if r.status == "ok"])
+def test_rows_that_ran_within_20_percent(name):
+    row = CALIBRATION[name]
+    if "zero3" in name and not row["within_20pct"]:
+        pytest.xfail(f"ZeRO-3 row off by {row['residual']:+.0%} (docs/planner.md, 'Where it misses')")
+    assert row["within_20pct"], row
+
+
+def test_every_fsdp_row_within_20_percent_and_right_verdict():
+    fsdp = [r for r in CALIBRATION.values() if "fsdp" in r["recipe"]]
+    assert len(fsdp) == 12
+    assert all(r["verdict_agrees"] for r in fsdp)
+    assert all(r["within_20pct"] for r in fsdp if r["table_gb"] is not None)
+
+
+def test_docs_show_the_current_calibration():
+    doc = (ROOT / "docs" / "planner.md").read_text()
+    assert planner.calibration_markdown(planner.calibration()) in doc, "regenerate: shardkit plan --calibration"
+
+
+def test_zero3_terms_agree_with_deepspeeds_estimator(monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    for model, gpus in (("llama-7b", 8), ("llama-13b", 4), ("llama-65b", 8)):
+        shape = planner.shape_of(model)
+        cpu, gpu, largest = stage3.estimate_zero3_model_states_mem_needs(
+            shape.params, shape.largest_module_params, num_gpus_per_node=gpus, cpu_offload=True,
+            cpu_offload_params=True, zero_init=True, additional_buffer_factor=1)
+        offloaded = planner.predict(planner.workload(model, "zero3", True, gpus, 1, True))
+        assert by_name(offloaded)["largest module gathered, with its gradient"].bytes == gpu == largest
+        assert offloaded.host == cpu
+        _, gpu_resident, _ = stage3.estimate_zero3_model_states_mem_needs(
+            shape.params, shape.largest_module_params, num_gpus_per_node=gpus, cpu_offload=False,
+            cpu_offload_params=False, zero_init=True, additional_buffer_factor=1)
+        # DeepSpeed's 18 bytes: bf16 parameter, fp32 master, Adam moments and the step's fp32 gradient of the
+        # whole partition (the planner upcasts one sub_group_size slice at a time: set it above the partition to
+        # model the same thing). It leaves out the bf16 gradient partition, which the planner adds on its own.
+        whole = dataclasses.replace(planner.workload(model, "zero3", False, gpus, 1, True), sub_group_size=10**12)
+        resident = by_name(planner.predict(whole))
+        states = sum(resident[k].bytes for k in ("bf16 parameter partition", "fp32 master partition",
+                                                  "Adam exp_avg + exp_avg_sq, fp32",
+                                                  "fp32 gradient of one sub-group during the step"))
+        assert states + resident["largest module gathered, with its gradient"].bytes == pytest.approx(gpu_resident, abs=8)
+
+
+def _planner_holdings(method: str, offload: bool, gpus: int, stack="today") -> dict:
+    w = planner.workload("tiny", method, offload, gpus, 4, False)
+    terms = by_name(planner.predict(w, stack))
+    return {"elements": mm.local_elements(w, stack), "terms": terms}
+
+
+@pytest.mark.parametrize("method,args,gpus", [
+    ("fsdp", ["--fake_world", "3"], 3),  # 3 does not divide the tiny model's rows: torch.chunk's uneven split
+    ("fsdp", [], 2),
+    ("zero3_offload", [], 2),
+])
+def test_what_cpu_ranks_hold_matches_the_planner_exactly(tmp_path, method, args, gpus):
+    command = tiny(tmp_path, method, *args, ranks=1 if args else 2)
+    result = run_train(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharding = json.loads((tmp_path / "sharding.json").read_text())["per_rank"]
+    expected = _planner_holdings("zero3" if "zero3" in method else "fsdp", method.endswith("offload"), gpus)
+    terms = expected["terms"]
+    adam = terms["Adam exp_avg + exp_avg_sq, fp32"].bytes
+    rank0 = sharding[0]
+    assert sum(p["local"] for p in rank0["parameters"].values()) == expected["elements"]
+    assert rank0["optimizer_state_bytes"] == adam
+    if method == "fsdp":
+        assert rank0["gradient_bytes"] == terms["fp32 gradient shard"].bytes
+        assert 4 * expected["elements"] == terms["fp32 parameter shard"].bytes
+    else:
+        assert rank0["gradient_bytes"] == terms["fp32 gradient partition"].bytes
+        assert rank0["master_bytes"] == terms["fp32 master partition"].bytes
+    if args:
+        assert results_of(tmp_path)["run"]["fake_world"] == 3 and len(sharding) == 1
+
+
+def test_search_lists_what_fits_for_30b_on_four_gpus():
+    found = planner.search("llama-30b", 4, 80 * GIB)
+    fitting = {(p.workload.method, p.workload.offload) for p in found if p.verdict != "oom"}
+    assert ("zero3", True) in fitting and ("fsdp", False) not in fitting  # the table: FSDP OOM, ZeRO-3 ran
+    text = planner.render_search(found, "llama-30b", 4, 80 * GIB, "today")
+    assert "zero3 + offload" in text and "configurations fit" in text
+
+
+def test_search_with_global_batch_splits_into_micro_batch_and_accumulation():
+    found = planner.search("llama-7b", 4, global_batch=32)
+    assert {p.workload.micro_batch * p.workload.accumulation * 4 for p in found} == {32}
+
+
+def test_cli_prints_a_breakdown_and_json(capsys):
+    assert cli.main(["plan", "llama-30b_zero3-offload_4gpu_bs8", "--stack", "2023", "--host-mem", "1TB"]) == 0
+    out = capsys.readouterr().out
+    for group in ("parameters", "gradients", "optimizer states", "activations", "logits and loss",
+                  "communication and prefetch", "runtime"):
+        assert group in out
+    assert "fits" in out and "2023 stack" in out
+    assert cli.main(["plan", "llama-7b_fsdp_8gpu_bs1", "llama-30b_fsdp_4gpu_bs1", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    documents = [json.loads(line) for line in lines]
+    assert [d["verdict"] for d in documents] == ["fits", "oom"]
+    assert documents[1]["margin_bytes"] < 0 and documents[0]["stack"] == "today"
+
+
+def test_cli_model_search(capsys):
+    assert cli.main(["plan", "--model", "llama-30b", "--gpus", "4", "--gpu-mem", "80GB"]) == 0
+    assert re.search(r"zero3 \+ offload\s+yes\s+1 ", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "llama-7b_fsdp_8gpu_bs1", "--gpu-mem", "0"], "--gpu-mem '0': must be more than 0 bytes"),
+    (["plan", "llama-7b_fsdp_8gpu_bs1", "--gpu-mem", "lots"], "--gpu-mem 'lots': expected a size"),
+    (["plan", "--model", "llama-31b", "--gpus", "4"], "unknown model 'llama-31b'"),
+    (["plan", "--model", "llama-7b", "--gpus", "4", "--global-batch", "10"], "--global-batch 10: does not divide"),
+    (["plan", "--model", "llama-7b", "--gpus", "0"], "--gpus 0: needs at least one GPU"),
+    (["plan", "--model", "llama-7b"], "--model needs --gpus"),
+    (["plan", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["plan"], "name recipes to plan"),
+])
+def test_bad_input_is_one_line(capsys, argv, message):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_reproduce_skips_rows_predicted_oom_on_small_gpus():
+    from shardkit import campaign
+
+    recipe = recipes.load("llama-30b_fsdp_4gpu_bs1")
+    assert "predicted OOM" in campaign.predicted_oom(recipe, 80 * GIB)
+    assert campaign.predicted_oom(recipes.load("llama-7b_fsdp_8gpu_bs1"), 80 * GIB) is None
+    assert campaign.predicted_oom(recipe, None) is None  # no GPU: nothing to predict against
+
+
+def test_fake_world_is_refused_where_it_cannot_work(tmp_path):
+    result = run_train(tiny(tmp_path, "zero3_offload", "--fake_world", "4", ranks=1))
+    assert result.returncode == 2 and "--fake_world 4: only for FSDP" in result.stderr
+    assert os.listdir(tmp_path) == []
