@@ -128,6 +128,35 @@ def test_tiny_rows_compare_loss_curves(real_result):
     assert off.verdict == "mismatch" and "at step 3" in off.reason
 
 
+def test_rows_at_capacity_are_not_judged_better_on_memory(real_result):
+    _, result = real_result
+    # llama-13b_fsdp_8gpu_bs1 printed 78GB: the card was full. 40 GB measured, same normalized time.
+    v = judge(as_table_row(result, "llama-13b_fsdp_8gpu_bs1", memory_gb=40, hours=81 / 60 / H100_OVER_A100))
+    assert v.verdict == "reproduced" and "at capacity" in v.reason
+    assert v.measured["ratios"]["memory"] == pytest.approx(40 / 78)
+    # Below capacity (56GB) the same ratio is "better".
+    assert judge(as_table_row(result, ROW, memory_gb=28, hours=38 / 60 / H100_OVER_A100)).verdict == "better"
+
+
+def test_fake_world_results_compare_memory_only(real_result):
+    _, result = real_result
+    doc = as_table_row(result, ROW, memory_gb=56, hours=100)  # a fake world's time means nothing
+    doc["run"]["fake_world"] = 8
+    v = judge(doc)
+    assert v.verdict == "reproduced" and "time" not in v.measured["ratios"] and "fake world of 8" in v.reason
+
+
+def test_every_table_verdict_carries_the_planners_figure(real_result):
+    _, result = real_result
+    v = judge(as_table_row(result, ROW, memory_gb=56, hours=38 / 60 / H100_OVER_A100))
+    # The real CPU result ran torch 2.13: today's stack, on the table's card (no GPU memory in a CPU result).
+    assert v.predicted["stack"] == "today" and v.predicted["verdict"] == "fits" and v.predicted["memory_gb"] > 0
+    old = as_table_row(result, OOM_ROW, status="oom")
+    old["environment"]["versions"]["torch"] = "2.0.1"
+    assert judge(old).predicted == {**judge(old).predicted, "stack": "2023", "verdict": "oom", "memory_gb": None}
+    assert report.rows([v])[0]["predicted_memory_gb"].endswith("(today)")
+
+
 def test_exit_codes_and_strict():
     verdicts = [diff.Verdict("a", "reproduced", ""), diff.Verdict("b", "better", ""), diff.Verdict("c", "not-run", "")]
     assert diff.exit_code(verdicts, strict=False) == 0
