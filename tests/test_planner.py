@@ -80,6 +80,27 @@ def test_memory_efficient_attention_has_no_quadratic_term():
     assert eager - layer(2048) > 6 * 32 * 2048**2 * 0.99
 
 
+def test_host_memory_offload_pinned_and_the_2023_load():
+    P = LLAMA_7B.params
+    offload = seven_b(offload=True, gpus=2, stack="2023")
+    assert offload.host == 16 * P and offload.host_pinned == 8 * P  # Adam's moments are not pinned
+    assert seven_b(stack="2023").host == 4 * P * 8  # every rank loads the fp32 model before FSDP wraps it
+    assert seven_b(stack="today").host == 0
+    zero3 = seven_b("zero3", offload=True, accumulation=2)
+    assert zero3.host_pinned == 10 * P  # bf16 parameters, fp32 master and fp32 gradients
+    small = planner.predict(zero3.workload, "today", host_memory=100 * GIB)
+    assert small.host_verdict == "oom" and "host OOM" in small.summary()
+
+
+def test_activation_variants_price_each_choice():
+    p = seven_b(stack="2023")
+    variants = p.activation_variants()
+    assert variants["no checkpointing, eager"] > variants["no checkpointing, sdpa"] > variants["checkpointing, eager"]
+    assert variants["checkpointing, eager"] > variants["checkpointing, sdpa"]
+    own = mm.peak([t for t in p.terms if t.group in ("activations", "logits and loss")])
+    assert variants["checkpointing, eager"] == own
+
+
 def test_the_2023_stack_adds_no_sync_gradients_and_all_gathers_issued_ahead():
     old, new = by_name(seven_b(stack="2023")), by_name(seven_b(stack="today"))
     no_sync = "unsharded bf16 gradients accumulated under no_sync()"

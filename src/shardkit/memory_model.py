@@ -109,23 +109,27 @@ class Workload:
 @dataclass(frozen=True)
 class Term:
     """One component of the memory. ``phase``: None for bytes held throughout the step; "layer" for those
-    held only while a decoder layer runs its backward, "loss" for those held only around the loss. The two
-    phases never overlap in time, so the peak counts the larger of them."""
+    held only while a decoder layer runs its backward, "loss" for those held only around the loss, "load"
+    for those held only while the model is loaded, before training. Phases never overlap in time, so the
+    peak counts the largest of them."""
 
     group: str
     name: str
     bytes: int
     device: Literal["gpu", "host"]
     kind: Literal["live", "elastic"]
-    phase: Literal["layer", "loss"] | None
+    phase: Literal["layer", "loss", "load"] | None
     source: str
+    pinned: bool = False
+    """Host bytes in page-locked memory (offloaded parameters, master copies and gradients; not Adam's moments,
+    which the optimizers allocate with zeros_like): the container needs that much memlock."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _term(group, name, value, source, device="gpu", kind="live", phase=None) -> Term:
-    return Term(group, name, int(value), device, kind, phase, source)
+def _term(group, name, value, source, device="gpu", kind="live", phase=None, pinned=False) -> Term:
+    return Term(group, name, int(value), device, kind, phase, source, pinned and device == "host")
 
 
 def _numel(dims: tuple[int, ...]) -> int:
@@ -165,10 +169,10 @@ def model_state_terms(w: Workload, stack: Stack) -> list[Term]:
         sharded = ("FSDP keeps the fp32 parameters sharded (FlatParameter in FSDP1, DTensor in FSDP2); "
                    "bf16 exists only while a unit is unsharded")
         return [
-            _term("parameters", "fp32 parameter shard", 4 * local, sharded, where),
+            _term("parameters", "fp32 parameter shard", 4 * local, sharded, where, pinned=True),
             _term("gradients", "fp32 gradient shard", 4 * local,
                   "reduce-scattered gradients are kept in the parameters' dtype (FSDP1 _cast_grad_to_param_dtype; "
-                  "FSDP2 accumulates into the fp32 sharded .grad)", where),
+                  "FSDP2 accumulates into the fp32 sharded .grad)", where, pinned=True),
             _term("optimizer states", "Adam exp_avg + exp_avg_sq, fp32", 8 * local,
                   "torch.optim.AdamW state (ZeRO paper K=12 less the fp32 master copy, which here is the "
                   "parameter itself)", where),
@@ -176,16 +180,16 @@ def model_state_terms(w: Workload, stack: Stack) -> list[Term]:
     terms = [
         _term("parameters", "bf16 parameter partition", 2 * local,
               "ZeRO-3 partitions the bf16 parameters (ds_tensor); offload_param keeps them in pinned host memory",
-              where),
+              where, pinned=True),
         _term("optimizer states", "fp32 master partition", 4 * local, "ZeRO paper: the fp32 copy Adam updates",
-              where),
+              where, pinned=True),
         _term("optimizer states", "Adam exp_avg + exp_avg_sq, fp32", 8 * local,
               "DeepSpeedCPUAdam (offload) or torch Adam on the fp32 partition", where),
     ]
     if w.offload:
         return [*terms, _term("gradients", "fp32 gradient partition", 4 * local,
                               "offload_optimizer: reduced gradients go straight into the fp32 partition's .grad "
-                              "on the host", "host")]
+                              "on the host", "host", pinned=True)]
     return [
         *terms,
         _term("gradients", "bf16 gradient partition", 2 * local,
@@ -292,7 +296,7 @@ def host_terms(w: Workload, stack: Stack) -> list[Term]:
     if w.method == "fsdp" and stack == "2023":
         return [_term("host", "full fp32 model loaded by every rank before wrapping", 4 * w.shape.params,
                       "Alpaca's train.py calls from_pretrained on each rank in fp32 before the Trainer wraps it "
-                      "in FSDP: one whole copy per rank, per GPU of the node", device="host")]
+                      "in FSDP: one whole copy per rank, per GPU of the node", device="host", phase="load")]
     return []
 
 
@@ -302,7 +306,8 @@ def terms(w: Workload, stack: Stack) -> list[Term]:
 
 
 def peak(term_list: list[Term], device: str = "gpu", kinds: tuple[str, ...] = ("live",)) -> int:
-    """Bytes held at the worst moment: everything held throughout plus the larger phase."""
+    """Bytes held at the worst moment of a training step: everything held throughout plus the larger of the
+    layer and loss phases (load-phase terms are the caller's: they come before the step)."""
     chosen = [t for t in term_list if t.device == device and t.kind in kinds]
     always = sum(t.bytes for t in chosen if t.phase is None)
     phases = [sum(t.bytes for t in chosen if t.phase == phase) for phase in ("layer", "loss")]

@@ -92,7 +92,7 @@ def describe(plan: RunPlan, cfg) -> str:
         f"weights      {plan.model.weights_dir or 'random init (memory and time do not depend on values)'}",
         f"method       {plan.method} (engine {plan.engine}), attention {cfg.attn_implementation}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, bf16 {cfg.bf16}",
-        f"world size   {plan.world_size}",
+        f"world size   {plan.world_size}" + (" (fake: rank 0 alone, collectives do nothing)" if cfg.fake_world else ""),
         f"batch        micro {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps} x "
         f"{plan.world_size} ranks = global {plan.global_batch} sequences of {plan.seq_len} tokens",
         f"data         {plan.num_examples} examples, {plan.steps_per_epoch} optimizer steps per epoch",

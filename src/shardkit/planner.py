@@ -11,7 +11,7 @@ by the allocator's retries."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import product
 
 from . import memory_model as mm
@@ -106,8 +106,15 @@ class Prediction:
 
     @property
     def host(self) -> int:
-        """Host memory on the node: every rank's host terms (all ranks on one node, as in the table)."""
-        return sum(t.bytes for t in self.terms if t.device == "host") * self.workload.gpus
+        """Host memory on the node at its peak, loading or training: every rank's (all ranks on one node, as in
+        the table). The optimizer's states exist only once training starts, after the load."""
+        training = mm.peak([t for t in self.terms if t.phase != "load"], device="host")
+        loading = sum(t.bytes for t in self.terms if t.device == "host" and t.phase == "load")
+        return max(training, loading) * self.workload.gpus
+
+    @property
+    def host_pinned(self) -> int:
+        return sum(t.bytes for t in self.terms if t.pinned) * self.workload.gpus
 
     @property
     def host_verdict(self) -> str | None:
@@ -122,6 +129,16 @@ class Prediction:
                 out[t.group] = out.get(t.group, 0) + t.bytes
         return out
 
+    def activation_variants(self) -> dict[str, int]:
+        """Peak activation + loss bytes of this run with and without checkpointing, eager and memory-efficient
+        (SDPA) attention, everything else unchanged: what each choice would cost."""
+        out = {}
+        for ckpt, attention in product((True, False), ("eager", "sdpa")):
+            w = replace(self.workload, grad_ckpt=ckpt, attention=attention)
+            label = f"{'checkpointing' if ckpt else 'no checkpointing'}, {attention}"
+            out[label] = mm.peak(mm.activation_terms(w, self.stack))
+        return out
+
     def summary(self) -> str:
         w = self.workload
         label = (f"{w.method}{' + offload' if w.offload else ''}, {'' if w.grad_ckpt else 'no '}checkpointing, "
@@ -133,7 +150,7 @@ class Prediction:
                        f"(margin {self.margin / GIB:.1f} GiB)")
         else:
             verdict = f"fits, margin {self.margin / GIB:.1f} GiB"
-        host = f"; host {self.host / GIB:.0f} GiB" if self.host else ""
+        host = f"; host {self.host / GIB:.0f} GiB ({self.host_pinned / GIB:.0f} pinned)" if self.host else ""
         if self.host_verdict == "oom":
             host += f" > --host-mem {self.host_memory / GIB:.0f} GiB: host OOM"
         return f"{label}: {verdict} on {self.gpu_memory / GIB:.0f} GiB{host}"
@@ -150,8 +167,10 @@ class Prediction:
             "gpu_memory_bytes": self.gpu_memory, "gpu_live_bytes": self.live,
             "gpu_with_elastic_bytes": self.with_elastic, "gpu_reported_bytes": self.reported,
             "verdict": self.verdict, "margin_bytes": self.margin,
-            "host_bytes": self.host, "host_memory_bytes": self.host_memory, "host_verdict": self.host_verdict,
+            "host_bytes": self.host, "host_pinned_bytes": self.host_pinned, "host_memory_bytes": self.host_memory,
+            "host_verdict": self.host_verdict,
             "terms": [t.to_dict() for t in self.terms],
+            "activation_variants_bytes": self.activation_variants(),
         }
 
 
@@ -210,10 +229,12 @@ def render(p: Prediction) -> str:
     """One prediction as text: every GPU term with its group, then the host terms, then the verdict."""
     lines = [f"{p.name or 'configuration'}  [{p.stack} stack: {mm.STACKS[p.stack]}]"]
     for t in sorted(p.terms, key=lambda t: (t.device != "gpu", mm.GROUPS.index(t.group))):
-        when = {"layer": "in a layer's backward", "loss": "around the loss", None: ""}[t.phase]
+        when = {"layer": "in a layer's backward", "loss": "around the loss", "load": "while loading", None: ""}[t.phase]
         kind = "elastic" if t.kind == "elastic" else ""
         lines.append(f"  {t.device:4} {t.group:27} {t.bytes / GIB:8.2f} GiB  {t.name}"
                      + (f" ({', '.join(x for x in (when, kind) if x)})" if when or kind else ""))
+    lines.append("  activations + loss at their peak, by choice: " + "; ".join(
+        f"{label} {value / GIB:.1f} GiB" for label, value in p.activation_variants().items()))
     lines.append(f"  peak per GPU: live {p.live / GIB:.1f} GiB, with elastic {p.with_elastic / GIB:.1f} GiB")
     lines.append(f"  => {p.summary()}")
     return "\n".join(lines)
