@@ -131,13 +131,15 @@ class ZeroStrategy:
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=self.config,
             lr_scheduler=scheduler)
         self.model = self.engine.module
+        self.gradient_bytes = 0
 
     def micro_step(self, batch: dict, last: bool):
         # DeepSpeed scales the loss by 1/accumulation and steps the optimizer at the boundary itself.
         loss = self.engine(**batch).loss
         self.engine.backward(loss)
-        if self.engine.is_gradient_accumulation_boundary():
-            # What this rank holds of the gradients before the step (read for the planner's exact check).
+        if not self.gradient_bytes and self.engine.is_gradient_accumulation_boundary():
+            # What this rank holds of the gradients before the step (read once, for the planner's exact check:
+            # the sizes do not change, and reading every step would put per-parameter calls on the clock).
             from deepspeed.utils import safe_get_local_grad
 
             self.gradient_bytes = sum(g.nbytes for g in map(safe_get_local_grad, self.model.parameters())
@@ -168,4 +170,4 @@ class ZeroStrategy:
                           for t in state.values() if hasattr(t, "numel") and t.dim() > 0)
         master_bytes = sum(t.nbytes for t in getattr(self.engine.optimizer, "fp32_partitioned_groups_flat", []))
         return {"parameters": params, "optimizer_state_bytes": state_bytes, "master_bytes": master_bytes,
-                "gradient_bytes": getattr(self, "gradient_bytes", 0)}
+                "gradient_bytes": self.gradient_bytes}
