@@ -60,15 +60,51 @@ def test_activations_follow_the_per_layer_formula():
     s, t = LLAMA_7B, 2048
     p = by_name(seven_b(stack="2023"))
     assert p["checkpointed layer inputs"].bytes == 2 * t * s.hidden * s.layers
-    assert p["one layer recomputed in backward"].bytes == 22 * t * s.hidden + 8 * t * s.intermediate + 8 * 32 * 2048**2
+    layer = 26 * t * s.hidden + 8 * t + 8 * t * s.intermediate + 8 * 32 * 2048**2
+    assert p["one layer recomputed in backward"].bytes == layer
     assert p["backward transient"].bytes == 6 * 32 * 2048**2
     assert p["vocabulary-sized tensors of the loss"].bytes == 8 * t * 32000
     assert by_name(seven_b(stack="today"))["vocabulary-sized tensors of the loss"].bytes == 12 * t * 32000
     no_ckpt = by_name(seven_b(ckpt=False, stack="2023"))
-    assert no_ckpt["all 32 layers' saved tensors"].bytes == 32 * p["one layer recomputed in backward"].bytes
+    # without checkpointing 4.28's first RMSNorm also keeps the layer's input
+    assert no_ckpt["all 32 layers' saved tensors"].bytes == 32 * (layer + 2 * t * s.hidden)
     # batch scales every activation term linearly
     four = by_name(seven_b(batch=4, stack="2023"))
     assert four["checkpointed layer inputs"].bytes == 4 * p["checkpointed layer inputs"].bytes
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_one_layers_saved_tensors_are_what_transformers_saves(attention):
+    """Counts, with autograd's saved-tensor hooks, every tensor a real bf16 LlamaDecoderLayer of transformers
+    (the installed version: today's stack) keeps for backward, and compares with the planner's term."""
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    h, inter, heads, seq, batch = 192, 512, 4, 96, 3
+    config = LlamaConfig(hidden_size=h, intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=heads,
+                         num_hidden_layers=1, vocab_size=1000, max_position_embeddings=seq)
+    config._attn_implementation = attention
+    layer = LlamaDecoderLayer(config, 0).to(torch.bfloat16)
+    x = torch.randn(batch, seq, h, dtype=torch.bfloat16, requires_grad=True)
+    positions = torch.arange(seq)[None].expand(batch, seq)
+    cos, sin = LlamaRotaryEmbedding(config)(x, positions)
+    mask = torch.full((seq, seq), float("-inf")).triu(1)[None, None].to(torch.bfloat16).expand(batch, 1, seq, seq)
+    # Parameters, the layer's input (the checkpoint), and what all layers share are not the layer's own.
+    shared = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), x, cos, sin, mask)}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in shared:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        layer(x, attention_mask=mask if attention == "eager" else None, position_ids=positions,
+              position_embeddings=(cos, sin))
+    w = mm.Workload(mm.Shape(h, inter, 1, heads, 1000), "fsdp", False, 1, batch, seq, True, 1, attention)
+    assert sum(saved.values()) == by_name(planner.predict(w))["one layer recomputed in backward"].bytes
 
 
 def test_memory_efficient_attention_has_no_quadratic_term():

@@ -204,10 +204,16 @@ def activation_terms(w: Workload, stack: Stack) -> list[Term]:
     s = w.shape
     t, h, i, a, b, seq = w.tokens, s.hidden, s.intermediate, s.heads, w.micro_batch, w.seq_len
     scores = a * b * seq * seq
-    # Per layer, bf16 unless noted: two RMSNorms (fp32 input copy 4Th + normalized bf16 2Th, each), the
-    # residual sum the second norm reads (2Th), rotated q and k and v (6Th), the attention output made
-    # contiguous for o_proj (2Th); the MLP's gate, SiLU, up and product (8TI).
-    saved_layer = 22 * t * h + 8 * t * i
+    # Per layer, bf16 unless noted. Each RMSNorm saves its fp32 input copy (4Th), its fp32 1/rms per token
+    # (4T), the normalized bf16 tensor the weight multiplies (2Th) and the product the projections read
+    # (2Th); then rotated q and k and v (6Th), the attention output made contiguous for o_proj (2Th), and
+    # the MLP's gate, SiLU, up and product (8TI). transformers 4.28's RMSNorm multiplies its bf16 *input*
+    # by 1/rms, so it saves that input too: the residual sum before the second norm (2Th) and, without
+    # checkpointing, the layer's input (2Th; with checkpointing that is the checkpoint itself).
+    # tests/test_planner.py counts what transformers 5 saves, tensor by tensor, and finds exactly this.
+    saved_layer = 24 * t * h + 8 * t + 8 * t * i
+    if stack == "2023":
+        saved_layer += 2 * t * h + (0 if w.grad_ckpt else 2 * t * h)
     if w.attention == "eager":
         saved_layer += _SCORE_BYTES_SAVED[stack] * scores
         # In softmax's backward the bf16 probabilities are already freed (their matmul ran first) while the
@@ -216,8 +222,9 @@ def activation_terms(w: Workload, stack: Stack) -> list[Term]:
     else:
         saved_layer += 4 * a * t  # memory-efficient / flash attention keeps only the fp32 log-sum-exp
         transient, transient_source = 6 * t * h, "SDPA backward: gradients of q, k and v"
-    layer_source = (f"per-layer saved tensors: 22Th + 8TI + {_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores"
-                    if w.attention == "eager" else "per-layer saved tensors: 22Th + 8TI + 4aT (no s^2 term)")
+    base = "24Th + 8T + 8TI" if stack == "today" else f"{26 if w.grad_ckpt else 28}Th + 8T + 8TI"
+    layer_source = (f"per-layer saved tensors: {base} + {_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores"
+                    if w.attention == "eager" else f"per-layer saved tensors: {base} + 4aT (no s^2 term)")
     layer_source += " (Korthikanti et al. 2022 eq. 1, redone for LLaMA's blocks and the stack's attention code)"
     terms = []
     if w.grad_ckpt:
