@@ -124,7 +124,12 @@ def run(cfg, plan) -> int:
             results.write_json_atomic(output / results.RESULTS_FILE, document)
         dist.barrier()
         dist.destroy_process_group()  # DeepSpeed's CPU comm aborts the interpreter at exit without it
-        return 0
+        # Leave without the interpreter's teardown: the model's device mesh still references the gloo
+        # group, whose destructor then sometimes aborts the process ("terminate called without an active
+        # exception", about 1 in 6 two-launcher CPU runs), failing a rank whose work is done and written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     except BaseException as error:  # noqa: BLE001 - every failure becomes a result, then a prompt exit
         failure = classify(error, rank, record.get("current_step"))
         status = "oom" if failure["kind"] == "oom" else "error"
