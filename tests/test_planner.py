@@ -3,6 +3,7 @@ DeepSpeed's estimator, exact agreement with what CPU ranks hold, the CLI and its
 
 import dataclasses
 import json
+import math
 import os
 import re
 
@@ -29,7 +30,7 @@ def seven_b(method="fsdp", offload=False, gpus=8, batch=1, ckpt=True, accumulati
 def test_llama_shapes_give_the_published_parameter_counts():
     assert LLAMA_7B.params == 6_738_415_616
     assert planner.shape_of("decapoda-research/llama-65b-hf").params == 65_285_660_672
-    assert sum(mm._numel(d) for unit in LLAMA_7B.units() for d in unit) == LLAMA_7B.params
+    assert sum(math.prod(d) for unit in LLAMA_7B.units() for d in unit) == LLAMA_7B.params
 
 
 @pytest.mark.parametrize("stack", ["today", "2023"])

@@ -16,36 +16,21 @@ from .errors import UsageError
 from .models import preset_name
 
 
-def visible_gpus() -> int:
-    """GPUs this process can use; through NVML when the local torch is a CPU build (containers bring their
-    own CUDA torch)."""
+def visible_gpu_memory() -> list[int]:
+    """Total memory of each GPU this process can use; through NVML when the local torch is a CPU build
+    (containers bring their own CUDA torch)."""
     import torch
 
     if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetCount()
-    except Exception:  # no driver: no GPU
-        return 0
-
-
-def gpu_memory_bytes() -> int | None:
-    """The smallest visible GPU's memory (what a row must fit in), or None without a GPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+        return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
     try:
         import pynvml
 
         pynvml.nvmlInit()
         handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        return min(pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles) if handles else None
+        return [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles]
     except Exception:  # no driver: no GPU
-        return None
+        return []
 
 
 def predicted_oom(recipe: recipes.Recipe, gpu_memory: int | None) -> str | None:
@@ -181,8 +166,10 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
     chosen = [recipes.load(name) for name in names]
     for recipe in chosen:  # every row's flags are checked before any row runs
         check(recipe, row_dir(root, recipe, probe), overrides, probe)
-    gpus = visible_gpus()
-    memory = gpu_memory_bytes() if gpus and not run_predicted_oom else None
+    memories = visible_gpu_memory()
+    gpus = len(memories)
+    # A row must fit the smallest card; with --run-predicted-oom nothing is predicted.
+    memory = min(memories) if memories and not run_predicted_oom else None
     folders, not_run = {}, {}
     for index, recipe in enumerate(chosen, start=1):
         folder = row_dir(root, recipe, probe)

@@ -77,8 +77,9 @@ class FsdpStrategy:
     def optimizer_step(self) -> None:
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        # What this rank holds of the gradients at their largest (read for the planner's exact check).
-        self.gradient_bytes = sum(p.grad.to_local().nbytes for p in self.model.parameters() if p.grad is not None)
+        if not self.gradient_bytes:
+            # What this rank holds of the gradients at their largest (read once, for the planner's exact check).
+            self.gradient_bytes = sum(p.grad.to_local().nbytes for p in self.model.parameters() if p.grad is not None)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

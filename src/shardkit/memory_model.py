@@ -13,6 +13,7 @@ P parameters, N ranks sharing the model.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from math import prod
 from typing import Literal
 
 Stack = Literal["2023", "today"]
@@ -132,13 +133,6 @@ def _term(group, name, value, source, device="gpu", kind="live", phase=None, pin
     return Term(group, name, int(value), device, kind, phase, source, pinned and device == "host")
 
 
-def _numel(dims: tuple[int, ...]) -> int:
-    out = 1
-    for d in dims:
-        out *= d
-    return out
-
-
 def local_elements(w: Workload, stack: Stack, rank: int = 0) -> int:
     """Parameter elements rank ``rank`` holds, exactly as each engine splits them.
 
@@ -149,14 +143,14 @@ def local_elements(w: Workload, stack: Stack, rank: int = 0) -> int:
     n, total = w.gpus, 0
     for unit in w.shape.units():
         if w.method == "zero3":
-            total += sum(-(-_numel(d) // n) for d in unit)
+            total += sum(-(-prod(d) // n) for d in unit)
         elif stack == "2023":
-            total += -(-sum(_numel(d) for d in unit) // n)
+            total += -(-sum(prod(d) for d in unit) // n)
         else:
             for dims in unit:
                 rows = -(-dims[0] // n)
                 mine = max(0, min(dims[0], (rank + 1) * rows) - rank * rows)
-                total += mine * _numel(dims[1:])
+                total += mine * prod(dims[1:])
     return total
 
 

@@ -39,18 +39,22 @@ def parse_size(text: str, flag: str) -> int:
     return int(value)
 
 
-def shape_of(model: str) -> mm.Shape:
+def _preset(model: str) -> dict:
     name = preset_name(model)
     if name is None:
         raise UsageError(f"unknown model {model!r}: the planner knows {', '.join(PRESETS)} "
                          "(and the seed's decapoda-research/llama-*-hf names)")
-    preset = {**LLAMA1_COMMON, **PRESETS[name]}
+    return {**LLAMA1_COMMON, **PRESETS[name]}
+
+
+def shape_of(model: str) -> mm.Shape:
+    preset = _preset(model)
     return mm.Shape(hidden=preset["hidden_size"], intermediate=preset["intermediate_size"],
                     layers=preset["num_hidden_layers"], heads=preset["num_attention_heads"], vocab=preset["vocab_size"])
 
 
 def seq_len_of(model: str) -> int:
-    return {**LLAMA1_COMMON, **PRESETS[preset_name(model)]}["max_position_embeddings"]
+    return _preset(model)["max_position_embeddings"]
 
 
 def workload(model: str, method: str, offload: bool, gpus: int, micro_batch: int, grad_ckpt: bool,

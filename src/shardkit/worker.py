@@ -107,10 +107,11 @@ def run(cfg, plan) -> int:
         else:
             held = _train_native(cfg, plan, device, dataset, record, memory)
         mine = {"rank": rank, "memory": memory.close(), "holds": _summarize_holdings(held), "held": held}
-        gathered = [None] * world
-        dist.all_gather_object(gathered, mine)
-        if cfg.fake_world:  # the fake group hands back N copies of rank 0: there is one rank
+        if cfg.fake_world:  # one rank: the fake group would hand back N copies of it
             gathered = [mine]
+        else:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, mine)
         if rank == 0 and held is not None:
             # Per parameter and rank: what each rank holds of it (the planner's ground truth).
             results.write_json_atomic(output / "sharding.json",
