@@ -296,6 +296,8 @@ def test_cli_model_search(capsys):
     (["plan", "--model", "llama-31b", "--gpus", "4"], "unknown model 'llama-31b'"),
     (["plan", "--model", "llama-7b", "--gpus", "4", "--global-batch", "10"], "--global-batch 10: does not divide"),
     (["plan", "--model", "llama-7b", "--gpus", "0"], "--gpus 0: needs at least one GPU"),
+    (["plan", "--model", "llama-7b", "--gpus", "0", "--global-batch", "8"], "--gpus 0: needs at least one GPU"),
+    (["plan", "llama-7b_fsdp_8gpu_bs1", "--gpus", "0"], "--gpus 0: needs at least one GPU"),
     (["plan", "--model", "llama-7b"], "--model needs --gpus"),
     (["plan", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
     (["plan"], "name recipes to plan"),

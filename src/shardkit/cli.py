@@ -245,8 +245,6 @@ def _plan(args) -> int:
         return 0
     if not args.recipes:
         raise UsageError("name recipes to plan, or --model MODEL --gpus N")
-    if args.gpus is not None and args.gpus < 1:
-        raise UsageError(f"--gpus {args.gpus}: needs at least one GPU")
     for name in args.recipes:
         p = planner.predict_recipe(recipes.load(name), args.stack, gpu_memory, host_memory, args.gpus)
         print(json.dumps(p.to_dict()) if args.json else planner.render(p) + "\n")

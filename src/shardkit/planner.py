@@ -57,10 +57,14 @@ def seq_len_of(model: str) -> int:
     return _preset(model)["max_position_embeddings"]
 
 
-def workload(model: str, method: str, offload: bool, gpus: int, micro_batch: int, grad_ckpt: bool,
-             accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None) -> mm.Workload:
+def _check_gpus(gpus: int) -> None:
     if gpus < 1:
         raise UsageError(f"--gpus {gpus}: needs at least one GPU")
+
+
+def workload(model: str, method: str, offload: bool, gpus: int, micro_batch: int, grad_ckpt: bool,
+             accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None) -> mm.Workload:
+    _check_gpus(gpus)
     if micro_batch < 1:
         raise UsageError(f"batch {micro_batch}: needs at least one sequence per GPU")
     return mm.Workload(shape=shape_of(model), method=method, offload=offload, gpus=gpus, micro_batch=micro_batch,
@@ -71,8 +75,8 @@ def workload(model: str, method: str, offload: bool, gpus: int, micro_batch: int
 def recipe_workload(recipe, gpus: int | None = None) -> mm.Workload:
     method = "zero3" if recipe.method.startswith("zero3") else "fsdp"
     attention = "eager" if recipe.attn == "eager" else "sdpa"
-    return workload(recipe.model, method, recipe.method.endswith("offload"), gpus or recipe.gpus, recipe.batch,
-                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len)
+    return workload(recipe.model, method, recipe.method.endswith("offload"), recipe.gpus if gpus is None else gpus,
+                    recipe.batch, recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len)
 
 
 @dataclass
@@ -193,6 +197,7 @@ def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_M
 def search(model: str, gpus: int, gpu_memory: int = DEFAULT_GPU_MEMORY, stack: str = "today",
            global_batch: int | None = None, host_memory: int | None = None) -> list[Prediction]:
     """Every method x offload x checkpointing x batch on this many GPUs; the caller keeps what fits."""
+    _check_gpus(gpus)
     if global_batch is not None and (global_batch < 1 or global_batch % gpus):
         raise UsageError(f"--global-batch {global_batch}: does not divide over {gpus} GPUs")
     out = []
