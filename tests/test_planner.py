@@ -181,11 +181,18 @@ def test_verdict_on_every_table_row(name):
     assert (row["verdict"] == "oom") == (TABLE[name].status == "oom"), row
 
 
-@pytest.mark.parametrize("name", [n for n, r in TABLE.items() if r.status == "ok"])
+# The ZeRO-3 rows that ran and that the planner under-predicts by more than 20% (docs/planner.md).
+OUTSIDE_20_PERCENT = {f"llama-{n}_zero3-offload_{g}gpu_bs{b}" for n, g, b in [
+    ("13b", 4, 1), ("13b", 4, 8), ("30b", 4, 1), ("30b", 4, 4), ("30b", 4, 6), ("30b", 4, 8), ("30b", 8, 1),
+    ("30b", 8, 4), ("65b", 8, 1), ("65b", 8, 2), ("65b", 8, 4)]}
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 under-predicted"))
+    if n in OUTSIDE_20_PERCENT else n
+    for n, r in TABLE.items() if r.status == "ok"])
 def test_rows_that_ran_within_20_percent(name):
     row = CALIBRATION[name]
-    if "zero3" in name and not row["within_20pct"]:
-        pytest.xfail(f"ZeRO-3 row off by {row['residual']:+.0%} (docs/planner.md, 'Where it misses')")
     assert row["within_20pct"], row
 
 
