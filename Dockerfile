@@ -6,12 +6,12 @@
 #                           CPU Adam and fused Adam ops compiled for TORCH_CUDA_ARCH_LIST at build time.
 #   FLAVOUR=cpu:            the same stages on a local Debian base (`shardkit image base`), torch 2.13.0+cpu.
 ARG FLAVOUR=cuda
-# Tag and the digest published for it (seen pinned in public Dockerfiles, FACTS.md).
+# Tag and the digest published for it (seen pinned in more than one public Dockerfile).
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04@sha256:e071e85c52ad91fc9ea24158ff5330876b2d1a5c4ac83ccc6066976835873c01
 
 FROM ${BASE_IMAGE} AS build
 ARG FLAVOUR
-# A100 and H100; DeepSpeed's op builder cannot parse torch's own "9.0a" (FACTS.md), so it is set here.
+# A100 and H100; DeepSpeed's op builder cannot parse torch's own "9.0a" (invalid literal for int(): '0a'), so it is set here.
 ARG TORCH_CUDA_ARCH_LIST="8.0 9.0"
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -50,7 +50,7 @@ ENV SHARDKIT_GIT_COMMIT=$GIT_COMMIT
 RUN pip install --no-index --no-deps --no-build-isolation --no-cache-dir /opt/shardkit/src \
  && pip freeze > /opt/shardkit/versions.txt && pip check \
  && if [ "$FLAVOUR" = cpu ]; then export DS_ACCELERATOR=cpu; fi \
- && python -c "import torch, transformers, deepspeed, shardkit.train, shardkit.hf_engine, shardkit.fsdp; \
+ && python -c "import torch, transformers, deepspeed, shardkit.train, shardkit.engine.hf_trainer, shardkit.engine.fsdp; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
 'deepspeed', deepspeed.__version__)"
 USER shardkit

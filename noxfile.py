@@ -17,18 +17,28 @@ def install(session: nox.Session, extras: str = "test") -> None:
     session.install("-e", f".[{extras}]")
 
 
+def pytest(session: nox.Session, *args: str) -> None:
+    install(session)
+    session.run("pytest", *args, *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
-    """Run the test suite on CPU (multi-rank runs over gloo; GPU tests skip without a GPU)."""
-    install(session)
-    session.run("pytest", *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+    """The fast tier on CPU: no multi-process training (about 2 minutes); GPU tests skip without a GPU."""
+    pytest(session)
+
+
+@nox.session(name="tests-full", default=False)
+def tests_full(session: nox.Session) -> None:
+    """Both tiers, what CI runs: also multi-rank training over gloo, DeepSpeed on CPU, containers."""
+    pytest(session, "--full")
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lint and check import order with ruff."""
     session.install("ruff")
-    session.run("ruff", "check", "src", "tests", "recipes", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "src", "tests", "recipes", "benchmarks", "noxfile.py", *session.posargs)
 
 
 @nox.session

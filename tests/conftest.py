@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from shardkit.spec.parallelism import Parallelism
+from shardkit.spec.recipes import method_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SEED_DS_CONFIG = RECIPES / "configs" / "deepspeed_config.json"
@@ -26,13 +29,8 @@ def run_train(args: list[str], cwd: Path | None = None, timeout: int = 600, **po
 
 def tiny(output_dir: Path, method: str, *extra: str, ranks: int = 2) -> list[str]:
     """A short tiny-model run with one of the table's four methods (learnable synthetic data)."""
-    methods = {
-        "fsdp": ["--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"],
-        "fsdp_offload": ["--fsdp", "full_shard auto_wrap offload"],
-        "zero3": ["--deepspeed", str(RECIPES / "configs" / "zero3_no_offload.json")],
-        "zero3_offload": ["--deepspeed", str(SEED_DS_CONFIG)],
-    }
-    return ["--model_name_or_path", "tiny", "--nproc_per_node", str(ranks), *methods[method],
+    return ["--model_name_or_path", "tiny", "--nproc_per_node", str(ranks),
+            *method_flags(Parallelism.from_name(method)),
             "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_steps", "4",
             "--save_strategy", "no", "--output_dir", str(output_dir), *extra]
 
@@ -44,3 +42,16 @@ def results_of(output_dir: Path) -> dict:
 @pytest.fixture
 def seed_ds_config() -> Path:
     return SEED_DS_CONFIG
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true",
+                     help="also run the slow tier (multi-process training, containers); CI runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two tiers: the fast default and --full. GPU tests skip wherever there is no CUDA device."""
+    skip_slow = pytest.mark.skip(reason="slow tier: pass --full (nox -s tests -- --full)")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--full"):
+            item.add_marker(skip_slow)

@@ -2,8 +2,9 @@
 
 import pytest
 
-from shardkit.args import parse_args
 from shardkit.errors import UsageError
+from shardkit.spec.flags import parse_args
+from shardkit.spec.resolve import Launch, resolve
 
 SEED_FSDP = ["--model_name_or_path", "decapoda-research/llama-30b-hf", "--bf16", "True", "--output_dir", "test",
              "--num_train_epochs", "3", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "8",
@@ -20,7 +21,7 @@ def test_seed_fsdp_flags_map_onto_the_config():
     assert cfg.per_device_train_batch_size == 1 and cfg.gradient_accumulation_steps == 8
     assert cfg.learning_rate == 2e-5 and cfg.warmup_ratio == 0.03 and cfg.weight_decay == 0.0
     assert cfg.eval_strategy == "no"  # from the renamed --evaluation_strategy
-    assert cfg.fsdp_offload and cfg.method == "fsdp_offload"
+    assert cfg.fsdp_offload and resolve(cfg, Launch(nproc_per_node=8)).plan.parallelism.name == "fsdp_offload"
     assert cfg.save_steps == 100 and cfg.save_total_limit == 1
 
 

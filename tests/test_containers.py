@@ -13,7 +13,8 @@ import time
 import pytest
 
 from conftest import RECIPES, ROOT, cpu_env
-from shardkit import containers, recipes
+from shardkit.orchestration import campaign, containers
+from shardkit.spec import recipes
 
 pytestmark = pytest.mark.slow
 IMAGE = "shardkit:cpu-test"
@@ -40,7 +41,7 @@ def image(engine):
         _unavailable("making the local base image needs root and debootstrap")
     containers.make_local_base()
     containers.fetch_wheels("cpu")
-    image_id = containers.build("cpu", tag=IMAGE, base=containers.LOCAL_BASE)
+    image_id = containers.build_image("cpu", tag=IMAGE, base=containers.LOCAL_BASE)
     assert engine.images.get(IMAGE).id == image_id
     return image_id
 
@@ -60,11 +61,12 @@ def recipe_dir(tmp_path):
 
 
 def run(image_tag, recipe_dir, name, results, **options):
-    recipe = recipes.load(name, folder=recipe_dir)
+    recipe = recipes.load_recipe(name, folder=recipe_dir)
     options.setdefault("network", "none")
     options.setdefault("mem_limit", "8g")  # a safety net: a runaway container is killed, not the host
-    return containers.run_recipe(image_tag, recipe, results, [], None, options.pop("timeout_s", 600),
-                                 recipes_dir=recipe_dir, echo=None, **options)
+    row = campaign.resolve_row(recipe, campaign.row_dir(results, recipe, None), [], None)
+    return containers.run_recipe(image_tag, row, results, options.pop("timeout_s", 600), recipes_dir=recipe_dir,
+                                 echo=None, **options)
 
 
 def result_of(results, name):
@@ -117,9 +119,11 @@ def test_ctrl_c_removes_the_container(engine, image, recipe_dir, tmp_path):
     # A terminal's Ctrl-C meets Python's default handler; a background job (as CI may be) ignores SIGINT,
     # and its children inherit that, so the child restores the handler a person's shell would give it.
     code = (f"import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            f"import sys; from pathlib import Path; from shardkit import containers, recipes; "
-            f"containers.run_recipe({IMAGE!r}, recipes.load('tiny_slow', folder=Path({str(recipe_dir)!r})), "
-            f"Path({str(tmp_path / 'results')!r}), [], None, 600, gpus=False, network='none', "
+            f"import sys; from pathlib import Path; from shardkit.orchestration import campaign, containers; "
+            f"from shardkit.spec import recipes; results = Path({str(tmp_path / 'results')!r}); "
+            f"recipe = recipes.load_recipe('tiny_slow', folder=Path({str(recipe_dir)!r})); "
+            f"row = campaign.resolve_row(recipe, campaign.row_dir(results, recipe, None), [], None); "
+            f"containers.run_recipe({IMAGE!r}, row, results, 600, gpus=False, network='none', "
             f"recipes_dir=Path({str(recipe_dir)!r}), echo=None)")
     process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=cpu_env())
     try:

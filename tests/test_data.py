@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shardkit.data import IGNORE_INDEX, RankSampler, instruction, synthetic
+from shardkit.engine.data import IGNORE_INDEX, RankSampler, instruction, synthetic
 from shardkit.errors import UsageError
 
 

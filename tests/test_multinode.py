@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from conftest import ROOT, cpu_env, tiny
-from shardkit import recipes
 from shardkit.errors import UsageError
-from shardkit.slurm import batch_script
+from shardkit.orchestration.slurm import batch_script
+from shardkit.spec import recipes
 
 
 def free_port() -> int:
@@ -39,7 +39,7 @@ def test_two_launchers_on_loopback_form_one_four_rank_fsdp_job(tmp_path):
 
 
 def test_slurm_script_runs_one_launcher_per_node_through_one_rendezvous():
-    script = batch_script(recipes.load("llama-65b_zero3-offload_8gpu_bs4"), 2, "shardkit:cuda", "48:00:00",
+    script = batch_script(recipes.load_recipe("llama-65b_zero3-offload_8gpu_bs4"), 2, "shardkit:cuda", "48:00:00",
                           "gpu", "results")
     lines = script.splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -55,13 +55,13 @@ def test_slurm_script_runs_one_launcher_per_node_through_one_rendezvous():
 
 def test_slurm_refuses_gpus_that_do_not_split():
     with pytest.raises(UsageError, match="must split evenly"):
-        batch_script(recipes.load("llama-13b_fsdp_4gpu_bs1"), 3, None, "1:00:00", None, "results")
+        batch_script(recipes.load_recipe("llama-13b_fsdp_4gpu_bs1"), 3, None, "1:00:00", None, "results")
 
 
 def test_recipe_reads_its_nodes_from_the_environment(monkeypatch, tmp_path):
-    from shardkit.campaign import train_argv
+    from shardkit.orchestration.campaign import train_argv
 
-    recipe = recipes.load("llama-7b_fsdp_8gpu_bs4")
+    recipe = recipes.load_recipe("llama-7b_fsdp_8gpu_bs4")
     monkeypatch.setenv("NNODES", "2")
     monkeypatch.setenv("NODE_RANK", "1")
     monkeypatch.setenv("RDZV_ENDPOINT", "node0:29500")

@@ -4,10 +4,20 @@ import json
 
 import pytest
 
-from shardkit.args import make_config
+from shardkit.engine.models import build_model, measured_parameter_counts
 from shardkit.errors import UsageError
-from shardkit.models import build_on_meta, parameter_counts, preset_name
-from shardkit.plan import resolve
+from shardkit.spec.flags import make_config
+from shardkit.spec.presets import ModelSpec, parameter_counts, preset_name
+from shardkit.spec.resolve import Launch
+from shardkit.spec.resolve import resolve as resolve_run
+
+
+def resolve(cfg, ranks):
+    return resolve_run(cfg, Launch(nproc_per_node=ranks)).plan
+
+
+def built_counts(spec):
+    return measured_parameter_counts(build_model(spec, "eager", seed=0, meta=True))
 
 
 @pytest.mark.parametrize("name, total", [
@@ -19,13 +29,29 @@ from shardkit.plan import resolve
 ])
 def test_presets_have_the_published_parameter_counts(name, total):
     plan = resolve(make_config({"model_name_or_path": name, "fsdp": "full_shard auto_wrap"}), 8)
-    assert parameter_counts(build_on_meta(plan.model, "eager"))["total"] == total
+    assert plan.parameters["total"] == total
+    assert built_counts(plan.model) == plan.parameters
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"num_key_value_heads": 2, "tie_word_embeddings": True},
+    {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1},
+    {"head_dim": 32},
+])
+def test_resolved_parameter_counts_are_those_of_the_built_model(extra):
+    """The resolved run counts parameters by arithmetic (no torch): it must equal transformers' model, also
+    for the options a local config.json may set (grouped key-value heads, tied embeddings, biases)."""
+    hf_config = {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 3, "num_attention_heads": 4,
+                 "vocab_size": 256, "max_position_embeddings": 64, **extra}
+    spec = ModelSpec("local", hf_config, None)
+    assert parameter_counts(hf_config) == built_counts(spec)
 
 
 def test_layer_override_gives_the_7b_layer_shaped_probe():
     cfg = make_config({"model_name_or_path": "llama-7b", "num_hidden_layers": 8, "fsdp": "full_shard"})
-    counts = parameter_counts(build_on_meta(resolve(cfg, 1).model, "eager"))
-    assert counts["matmul"] == 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # FACTS.md: 1.75e9
+    counts = resolve(cfg, 1).parameters
+    assert counts["matmul"] == 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000  # 1.75e9
 
 
 def test_seed_fsdp_row_arithmetic():
@@ -95,3 +121,34 @@ def test_preset_names():
     assert preset_name("decapoda-research/llama-7b-hf") == "llama-7b"
     assert preset_name("13B") == "llama-13b"
     assert preset_name("llama-70b") is None
+
+
+def test_the_method_comes_from_the_deepspeed_json_and_a_recipe_must_agree_with_it(tmp_path, seed_ds_config):
+    from shardkit.orchestration.campaign import resolve_row
+    from shardkit.spec import recipes
+
+    assert resolve(make_config({"deepspeed": str(seed_ds_config)}), 2).parallelism.name == "zero3_offload"
+    no_offload = seed_ds_config.parent / "zero3_no_offload.json"
+    assert resolve(make_config({"deepspeed": str(no_offload)}), 2).parallelism.name == "zero3"
+    # A recipe's METHOD picks its JSON; METHOD=zero3 no longer runs the seed's offloading config.
+    (tmp_path / "configs").mkdir()
+    for file in seed_ds_config.parent.glob("*.json"):
+        (tmp_path / "configs" / file.name).write_text(file.read_text())
+    (tmp_path / "tiny_z.env").write_text("MODEL=tiny\nMETHOD=zero3\nGPUS=2\nBATCH=4\nGRAD_CKPT=True\n")
+    row = resolve_row(recipes.load_recipe("tiny_z", folder=tmp_path), tmp_path / "out", [], None)
+    assert row.run.plan.parallelism.name == "zero3"
+    assert "offload_param" not in row.run.plan.deepspeed_config["zero_optimization"]
+    (tmp_path / "tiny_c.env").write_text("MODEL=tiny\nMETHOD=zero3\nGPUS=2\nBATCH=4\nGRAD_CKPT=True\n"
+                                         "DEEPSPEED_CONFIG=configs/deepspeed_config.json\n")
+    with pytest.raises(UsageError, match="METHOD zero3 contradicts") as error:
+        resolve_row(recipes.load_recipe("tiny_c", folder=tmp_path), tmp_path / "out", [], None)
+    assert "\n" not in str(error.value)
+
+
+def test_a_deepspeed_json_that_offloads_half_is_refused(tmp_path, seed_ds_config):
+    config = json.loads(seed_ds_config.read_text())
+    del config["zero_optimization"]["offload_param"]
+    path = tmp_path / "half.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="offloads only one of offload_optimizer and offload_param"):
+        resolve(make_config({"deepspeed": str(path)}), 2)

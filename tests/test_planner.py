@@ -10,8 +10,10 @@ import re
 import pytest
 
 from conftest import ROOT, results_of, run_train, tiny
-from shardkit import cli, planner, recipes, reference
-from shardkit import memory_model as mm
+from shardkit import cli, planner
+from shardkit.planner import memory_model as mm
+from shardkit.spec import recipes, reference
+from shardkit.spec.parallelism import Parallelism
 
 GIB = 2**30
 LLAMA_7B = planner.shape_of("llama-7b")
@@ -23,7 +25,7 @@ def by_name(p: planner.Prediction) -> dict[str, mm.Term]:
 
 def seven_b(method="fsdp", offload=False, gpus=8, batch=1, ckpt=True, accumulation=8, attention="eager",
             stack="today") -> planner.Prediction:
-    return planner.predict(planner.workload("llama-7b", method, offload, gpus, batch, ckpt, accumulation, attention),
+    return planner.predict(planner.workload("llama-7b", Parallelism(method, offload), gpus, batch, ckpt, accumulation, attention),
                            stack)
 
 
@@ -104,13 +106,13 @@ def test_one_layers_saved_tensors_are_what_transformers_saves(attention):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         layer(x, attention_mask=mask if attention == "eager" else None, position_ids=positions,
               position_embeddings=(cos, sin))
-    w = mm.Workload(mm.Shape(h, inter, 1, heads, 1000), "fsdp", False, 1, batch, seq, True, 1, attention)
+    w = mm.Workload(mm.Shape(h, inter, 1, heads, 1000), Parallelism("fsdp", False), 1, batch, seq, True, 1, attention)
     assert sum(saved.values()) == by_name(planner.predict(w))["one layer recomputed in backward"].bytes
 
 
 def test_memory_efficient_attention_has_no_quadratic_term():
     def layer(seq):
-        w = planner.workload("llama-7b", "fsdp", False, 8, 1, True, 8, "sdpa", seq_len=seq)
+        w = planner.workload("llama-7b", Parallelism("fsdp", False), 8, 1, True, 8, "sdpa", seq_len=seq)
         return by_name(planner.predict(w))["one layer recomputed in backward"].bytes
     assert layer(4096) == 2 * layer(2048)
     eager = by_name(seven_b())["one layer recomputed in backward"].bytes
@@ -157,7 +159,7 @@ def test_phases_do_not_add_up():
 
 
 def test_verdicts_fits_at_capacity_and_oom():
-    w = planner.workload("llama-7b", "fsdp", False, 8, 1, True, 8)
+    w = planner.workload("llama-7b", Parallelism("fsdp", False), 8, 1, True, 8)
     p = planner.predict(w, "2023")
     assert p.verdict == "fits" and p.reported == p.with_elastic
     squeezed = planner.predict(w, "2023", gpu_memory=(p.live + p.with_elastic) // 2)
@@ -216,7 +218,7 @@ def test_zero3_terms_agree_with_deepspeeds_estimator(monkeypatch):
         cpu, gpu, largest = stage3.estimate_zero3_model_states_mem_needs(
             shape.params, shape.largest_module_params, num_gpus_per_node=gpus, cpu_offload=True,
             cpu_offload_params=True, zero_init=True, additional_buffer_factor=1)
-        offloaded = planner.predict(planner.workload(model, "zero3", True, gpus, 1, True))
+        offloaded = planner.predict(planner.workload(model, Parallelism("zero3", True), gpus, 1, True))
         assert by_name(offloaded)["largest module gathered, with its gradient"].bytes == gpu == largest
         assert offloaded.host == cpu
         _, gpu_resident, _ = stage3.estimate_zero3_model_states_mem_needs(
@@ -225,7 +227,7 @@ def test_zero3_terms_agree_with_deepspeeds_estimator(monkeypatch):
         # DeepSpeed's 18 bytes: bf16 parameter, fp32 master, Adam moments and the step's fp32 gradient of the
         # whole partition (the planner upcasts one sub_group_size slice at a time: set it above the partition to
         # model the same thing). It leaves out the bf16 gradient partition, which the planner adds on its own.
-        whole = dataclasses.replace(planner.workload(model, "zero3", False, gpus, 1, True), sub_group_size=10**12)
+        whole = dataclasses.replace(planner.workload(model, Parallelism("zero3", False), gpus, 1, True), sub_group_size=10**12)
         resident = by_name(planner.predict(whole))
         states = sum(resident[k].bytes for k in ("bf16 parameter partition", "fp32 master partition",
                                                   "Adam exp_avg + exp_avg_sq, fp32",
@@ -234,11 +236,12 @@ def test_zero3_terms_agree_with_deepspeeds_estimator(monkeypatch):
 
 
 def _planner_holdings(method: str, offload: bool, gpus: int, stack="today") -> dict:
-    w = planner.workload("tiny", method, offload, gpus, 4, False)
+    w = planner.workload("tiny", Parallelism(method, offload), gpus, 4, False)
     terms = by_name(planner.predict(w, stack))
     return {"elements": mm.local_elements(w, stack), "terms": terms}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,args,gpus", [
     ("fsdp", ["--fake_world", "3"], 3),  # 3 does not divide the tiny model's rows: torch.chunk's uneven split
     ("fsdp", [], 2),
@@ -316,11 +319,11 @@ def test_bad_input_is_one_line(capsys, argv, message):
 
 
 def test_reproduce_skips_rows_predicted_oom_on_small_gpus():
-    from shardkit import campaign
+    from shardkit.orchestration import campaign
 
-    recipe = recipes.load("llama-30b_fsdp_4gpu_bs1")
+    recipe = recipes.load_recipe("llama-30b_fsdp_4gpu_bs1")
     assert "predicted OOM" in campaign.predicted_oom(recipe, 80 * GIB)
-    assert campaign.predicted_oom(recipes.load("llama-7b_fsdp_8gpu_bs1"), 80 * GIB) is None
+    assert campaign.predicted_oom(recipes.load_recipe("llama-7b_fsdp_8gpu_bs1"), 80 * GIB) is None
     assert campaign.predicted_oom(recipe, None) is None  # no GPU: nothing to predict against
 
 

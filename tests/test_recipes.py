@@ -5,12 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from shardkit import recipes
-from shardkit.args import parse_args
 from shardkit.errors import UsageError
-from shardkit.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+from shardkit.spec import recipes
+from shardkit.spec.flags import parse_args
+from shardkit.spec.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
+from shardkit.spec.resolve import resolve
 
-SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "gpu_stats.md"
+SEED = Path(__file__).resolve().parents[1] / "recipes" / "SEED.md"
 METHODS = {"FSDP": "fsdp", "FSDP + offload": "fsdp_offload", "Deepspeed + Zero 3 + Offload": "zero3_offload"}
 
 
@@ -30,7 +31,6 @@ def seconds(printed: str) -> int | None:
     return hours * 3600 + minutes * 60 + secs
 
 
-@pytest.mark.skipif(not SEED.is_file(), reason="the seed document is not beside the repo")
 def test_reference_matches_the_seed_cell_for_cell():
     rows = seed_rows()
     table = sorted(load_table().values(), key=lambda r: r.row)
@@ -47,7 +47,7 @@ def test_reference_matches_the_seed_cell_for_cell():
 
 def test_every_reference_row_has_a_recipe_with_its_values():
     for name, ref in load_table().items():
-        recipe = recipes.load(name)
+        recipe = recipes.load_recipe(name)
         assert recipe.model == f"decapoda-research/{ref.model.lower()}-hf"
         assert (recipe.method, recipe.gpus, recipe.batch, recipe.grad_ckpt) == (ref.method, ref.gpus, ref.batch,
                                                                                 ref.grad_ckpt)
@@ -56,7 +56,7 @@ def test_every_reference_row_has_a_recipe_with_its_values():
 
 def test_recipe_names_say_model_method_gpus_batch_and_checkpointing():
     for name in load_table():
-        recipe = recipes.load(name)
+        recipe = recipes.load_recipe(name)
         expected = (f"{recipe.model.split('/')[-1].removesuffix('-hf')}_{recipe.method.replace('_', '-')}_"
                     f"{recipe.gpus}gpu_bs{recipe.batch}" + ("" if recipe.grad_ckpt else "_nockpt"))
         assert name == expected
@@ -70,15 +70,15 @@ def test_tiny_reference_covers_the_tiny_recipes_with_provenance():
     tiny = load_tiny()
     assert set(tiny["runs"]) == {n for n in recipes.all_names() if n.startswith("tiny")}
     assert tiny["provenance"]["versions"]["torch"] and tiny["provenance"]["git_commit"]
-    assert all(len(run["loss"]) == recipes.load(name).max_steps for name, run in tiny["runs"].items())
+    assert all(len(run["loss"]) == recipes.load_recipe(name).max_steps for name, run in tiny["runs"].items())
 
 
 @pytest.mark.parametrize("name, method, accumulation", [
-    ("llama-30b_fsdp-offload_8gpu_bs1", "fsdp_offload", 8), ("llama-30b_zero3-offload_8gpu_bs8", "deepspeed", 2)])
+    ("llama-30b_fsdp-offload_8gpu_bs1", "fsdp_offload", 8), ("llama-30b_zero3-offload_8gpu_bs8", "zero3_offload", 2)])
 def test_rendered_command_is_the_seed_command_with_the_row_values(name, method, accumulation):
-    recipe = recipes.load(name)
-    cfg, _ = parse_args(recipes.seed_argv(recipe, "out"))
-    assert cfg.method == method and cfg.gradient_accumulation_steps == accumulation
+    recipe = recipes.load_recipe(name)
+    cfg, launch = parse_args(recipes.seed_argv(recipe, "out"))
+    assert resolve(cfg, launch).plan.parallelism.name == method and cfg.gradient_accumulation_steps == accumulation
     assert cfg.per_device_train_batch_size == recipe.batch and cfg.run_name == name
     assert (cfg.learning_rate, cfg.warmup_ratio, cfg.num_train_epochs) == (2e-5, 0.03, 3)
     assert (cfg.bf16, cfg.tf32, cfg.gradient_checkpointing, cfg.attn_implementation) == (True, True, True, "eager")
@@ -98,10 +98,10 @@ def test_rendered_command_is_the_seed_command_with_the_row_values(name, method, 
 def test_malformed_recipe_is_one_line_naming_file_and_line(tmp_path, text, fragment):
     (tmp_path / "bad.env").write_text(text)
     with pytest.raises(UsageError) as error:
-        recipes.load("bad", folder=tmp_path)
+        recipes.load_recipe("bad", folder=tmp_path)
     assert fragment in str(error.value) and "\n" not in str(error.value)
 
 
 def test_unknown_recipe_name():
     with pytest.raises(UsageError, match=re.escape("unknown recipe 'llama-7b_fsdp_3gpu_bs1'")):
-        recipes.load("llama-7b_fsdp_3gpu_bs1")
+        recipes.load_recipe("llama-7b_fsdp_3gpu_bs1")

@@ -11,7 +11,7 @@ from .errors import EXIT_ERROR, EXIT_USAGE, UsageError
 
 
 def _tolerance_flags(parser: argparse.ArgumentParser) -> None:
-    from .diff import Tolerances
+    from .verdict.diff import Tolerances
 
     defaults = Tolerances()
     parser.add_argument("--memory-tol", type=float, default=defaults.memory_rel,
@@ -99,29 +99,8 @@ def _runner_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default="shardkit:cuda", help="image for --runner docker (default %(default)s)")
 
 
-def _row_runner(args):
-    """The function that runs one row, here or in a container; everything above it is shared."""
-    from . import campaign
-
-    if args.runner == "native":
-        return campaign.run_row
-    from . import containers
-
-    if args.runner == "auto":
-        try:
-            connection = containers.client()
-        except containers.DockerUnavailable:
-            return campaign.run_row
-        if not (containers.has_gpu_runtime(connection) and connection.images.list(name=args.image)):
-            return campaign.run_row
-    def in_container(recipe, folder, overrides, probe, timeout_s):
-        return containers.run_recipe(args.image, recipe, args.results, overrides, probe, timeout_s)
-
-    return in_container
-
-
 def _verdicts_out(verdicts, args) -> int:
-    from . import diff, report
+    from .verdict import diff, report
 
     if args.json:
         print(json.dumps([v.to_dict() for v in verdicts], indent=2))
@@ -136,7 +115,7 @@ def _verdicts_out(verdicts, args) -> int:
 
 
 def _tolerances(args):
-    from .diff import Tolerances
+    from .verdict.diff import Tolerances
 
     return Tolerances(memory_rel=args.memory_tol, time_rel=args.time_tol, loss_abs=args.loss_tol)
 
@@ -151,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .containers import BuildFailed
+    from .orchestration.containers import BuildFailed
 
     try:
         return _dispatch(args, extra)
@@ -164,23 +143,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, extra: list[str]) -> int:
-    from . import campaign, diff, recipes, reference
+    from .orchestration import campaign
+    from .spec import recipes, reference
+    from .verdict import diff
 
     if args.command == "recipes":
         for name in recipes.all_names():
-            print(f"{name:<40} {recipes.load(name).description}")
+            print(f"{name:<40} {recipes.load_recipe(name).description}")
         return 0
     if args.command == "run":
-        recipe = recipes.load(args.recipe)
+        recipe = recipes.load_recipe(args.recipe)
         folder = campaign.row_dir(args.results, recipe, args.probe)
         if args.print_command:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
-        return _row_runner(args)(recipe, folder, extra, args.probe, args.timeout)
+        row = campaign.resolve_row(recipe, folder, extra, args.probe)
+        return campaign.row_runner(args.runner, args.image, args.results)(row, args.timeout)
     if args.command == "reproduce":
         names = args.recipes or list(reference.load_table())
+        runner = campaign.row_runner(args.runner, args.image, args.results)
         folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [],
-                                              runner=_row_runner(args), run_predicted_oom=args.run_predicted_oom)
+                                              runner=runner, run_predicted_oom=args.run_predicted_oom)
         found = diff.load_results(list(folders.values()))
         verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
                                 not_run)
@@ -194,7 +177,7 @@ def _dispatch(args, extra: list[str]) -> int:
         verdicts = diff.compare(list(found), found, reference.load_table(), reference.load_tiny(), _tolerances(args))
         return _verdicts_out(verdicts, args)
     if args.command == "image":
-        from . import containers
+        from .orchestration import containers
 
         if args.action == "base":
             print(containers.make_local_base())
@@ -202,25 +185,26 @@ def _dispatch(args, extra: list[str]) -> int:
             print(containers.fetch_wheels(args.flavour))
         else:
             base = args.base or (containers.LOCAL_BASE if args.flavour == "cpu" else None)
-            print(containers.build(args.flavour, args.tag, base))
+            print(containers.build_image(args.flavour, args.tag, base))
         return 0
     if args.command == "slurm":
-        from .slurm import batch_script
+        from .orchestration.slurm import batch_script
 
-        print(batch_script(recipes.load(args.recipe), args.nodes, args.image, args.time, args.partition,
+        print(batch_script(recipes.load_recipe(args.recipe), args.nodes, args.image, args.time, args.partition,
                            args.results), end="")
         return 0
     if args.command == "plan":
         return _plan(args)
     if args.command == "smoke":
-        from .smoke import smoke
+        from .orchestration.smoke import smoke
 
         return smoke(args.results, args.update_reference)
     raise AssertionError(args.command)
 
 
 def _plan(args) -> int:
-    from . import planner, recipes
+    from . import planner
+    from .spec import recipes
 
     gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem")
     host_memory = planner.parse_size(args.host_mem, "--host-mem") if args.host_mem else None
@@ -246,6 +230,6 @@ def _plan(args) -> int:
     if not args.recipes:
         raise UsageError("name recipes to plan, or --model MODEL --gpus N")
     for name in args.recipes:
-        p = planner.predict_recipe(recipes.load(name), args.stack, gpu_memory, host_memory, args.gpus)
+        p = planner.predict_recipe(recipes.load_recipe(name), args.stack, gpu_memory, host_memory, args.gpus)
         print(json.dumps(p.to_dict()) if args.json else planner.render(p) + "\n")
     return 0

@@ -1,6 +1,5 @@
 """Exit codes and the error that becomes one line on stderr."""
 
-EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_OOM = 3

@@ -1,69 +1,47 @@
 """``python -m shardkit.train`` and ``recipes/finetune_llama.py``: the seed's command line, run as written.
 
-Under torchrun this process is one rank. Started directly, it is the launcher: it starts
-``--nproc_per_node`` ranks itself. Either way, bad input is one line on stderr before any process group."""
+The command line is parsed and resolved once, here. Under torchrun this process is one rank. Started
+directly, it is the launcher: it starts ``--nproc_per_node`` ranks itself, which read the resolved run from
+its ``config.json``. With ``--fake_world N`` this process is rank 0 of N. Either way, bad input is one line
+on stderr before any process group."""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from .args import parse_args
 from .errors import EXIT_USAGE, UsageError
-
-
-def _under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "RANK" in os.environ
     rank = int(os.environ.get("RANK", 0))
     try:
-        cfg, options = parse_args(argv)
-        if cfg.fake_world:
-            if (options.nproc_per_node or 1) not in (1, cfg.fake_world) or options.nnodes > 1:
-                raise UsageError(f"--fake_world {cfg.fake_world} runs one process standing for {cfg.fake_world} "
-                                 f"ranks; --nproc_per_node {options.nproc_per_node} / --nnodes {options.nnodes} "
-                                 "contradict it")
-            world = cfg.fake_world
-        elif _under_torchrun():
-            world = int(os.environ.get("WORLD_SIZE", 1))
-        else:
-            world = (options.nproc_per_node or 1) * options.nnodes
-        from .models import build_on_meta, parameter_counts
-        from .plan import describe, resolve
+        from .engine.preflight import check_engine
+        from .spec.flags import parse_args
+        from .spec.resolve import resolve
 
-        plan = resolve(cfg, world)
-        plan.parameters = parameter_counts(build_on_meta(plan.model, cfg.attn_implementation))
+        cfg, launch_options = parse_args(argv)
+        run = resolve(cfg, launch_options, int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else None)
+        check_engine(run)
     except UsageError as error:
         if rank == 0:
             print(f"shardkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     if cfg.dry_run:
         if rank == 0:
-            print(describe(plan, cfg))
+            from .spec.resolve import dry_run_text
+
+            print(dry_run_text(run))
         return 0
-    if cfg.fake_world:
-        return _run_fake_world(cfg, plan)
-    if not _under_torchrun():
-        from .launch import launch
+    if under_torchrun and not run.plan.fake_world:
+        from .engine.rank import launch_time, run_rank
 
-        return launch(argv, options, cfg, plan)
-    from .worker import run
+        return run_rank(run, rank, int(os.environ.get("LOCAL_RANK", 0)), launch_time())
+    from .engine.launch import launch
 
-    return run(cfg, plan)
-
-
-def _run_fake_world(cfg, plan) -> int:
-    """The one process is rank 0 of ``--fake_world`` ranks; the launcher's wall time is its own."""
-    import time
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(cfg.fake_world),
-                      SHARDKIT_LAUNCH_TIME=os.environ.get("SHARDKIT_LAUNCH_TIME") or repr(time.time()))
-    from .worker import run
-
-    return run(cfg, plan)
+    return launch(run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,200 @@
+"""One rank of a run: set up, train, gather, and write the results, whatever happens.
+
+On failure the failing rank writes the results (status oom or error) itself and leaves at once with the
+matching exit code; the launcher then stops the other ranks, so nobody waits on a collective that will
+never complete.
+
+``python -m shardkit.engine.rank CONFIG_JSON`` is how the launcher starts a rank: the resolved run comes
+from the file the launcher wrote, rank and world from torchrun's variables, read once here."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import EXIT_ERROR, EXIT_OOM
+from ..results import document as results
+from ..results.failure import Failure
+from ..results.files import read_json, write_json_atomic
+from ..results.record import Recorder
+from .failures import classify
+from .measure import MemoryMonitor, matmul_bf16_flops
+
+
+def launch_time() -> float:
+    """When the run was launched: set by shardkit's launcher, else the start of torchrun (our parent)."""
+    if os.environ.get("SHARDKIT_LAUNCH_TIME"):
+        return float(os.environ["SHARDKIT_LAUNCH_TIME"])
+    try:
+        import psutil
+
+        return psutil.Process(os.getppid()).create_time()
+    except Exception:  # no parent information: fall back to this process's own start
+        return time.time() - time.process_time()
+
+
+@dataclass
+class RankState:
+    """What a rank has so far: enough to write a partial result if the next phase fails."""
+
+    run: object  # spec.resolve.ResolvedRun
+    rank: int
+    started: float
+    recorder: Recorder
+    environment: dict | None = None
+    data_info: dict | None = None
+    memory: MemoryMonitor | None = None
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run.config.output_dir)
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(state: RankState, local_rank: int) -> torch.device:
+    """Device, process group, the configuration file, the environment and the memory monitor."""
+    run, cfg, plan = state.run, state.run.config, state.run.plan
+    device = _device(local_rank)
+    if plan.deepspeed_config is not None and device.type == "cpu":
+        from ..spec.deepspeed_config import adapt_to_cpu
+
+        state.recorder.cpu_adaptations = adapt_to_cpu(plan.deepspeed_config)
+    if plan.fake_world:
+        # torchtitan's dry-run store: a process group whose collectives return at once.
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=plan.world_size)
+    else:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if state.rank == 0:  # a previous run's outcome in this folder must not pass for this one's
+        for stale in [state.output / results.RESULTS_FILE, *state.output.glob("error-rank*.log")]:
+            stale.unlink(missing_ok=True)
+        write_json_atomic(state.output / results.CONFIG_FILE,
+                          {**run.to_dict(), "adaptations": state.recorder.cpu_adaptations})
+    dist.barrier()
+    if cfg.tf32 and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    from .environment import capture
+
+    state.environment = capture(plan.world_size)
+    state.environment["matmul_bf16_flops"] = matmul_bf16_flops()
+    state.memory = MemoryMonitor(cfg.nvml_sample_interval_s)  # after the matmul probe: its buffers don't count
+    return device
+
+
+def train(state: RankState, device: torch.device) -> dict | None:
+    """Trains with the run's engine; returns what this rank holds (None for HF Trainer)."""
+    from .data import build_dataset
+
+    run = state.run
+    dataset = build_dataset(run.config, run.plan.model, run.plan.seq_len)
+    state.data_info = dataset.info
+    if run.plan.engine == "hf":
+        from .hf_trainer import run_trainer
+
+        run_trainer(run, state.rank, device, dataset, state.recorder, state.memory)
+        return None
+    from .loop import run_loop
+    from .strategy import build_strategy
+
+    strategy = build_strategy(run, device)
+    run_loop(strategy, dataset, run, state.rank, device, state.recorder, state.memory)
+    return strategy.holdings()
+
+
+def _summarize(holdings: dict | None) -> dict | None:
+    if holdings is None:
+        return None
+    params = holdings["parameters"].values()
+    return {"param_elements_local": sum(p["local"] for p in params),
+            "param_elements_global": sum(p["global"] for p in params),
+            "optimizer_state_bytes": holdings["optimizer_state_bytes"], "gradient_bytes": holdings["gradient_bytes"],
+            "master_bytes": holdings.get("master_bytes")}
+
+
+def gather(state: RankState, holdings: dict | None) -> None:
+    """Every rank's peaks and holdings to rank 0, which writes sharding.json and the results."""
+    plan = state.run.plan
+    mine = {"rank": state.rank, "memory": state.memory.close(), "holdings": _summarize(holdings)}
+    if plan.fake_world:  # one rank: the fake group would hand back N copies of it
+        gathered = [(mine, holdings)]
+    else:
+        gathered = [None] * plan.world_size
+        dist.all_gather_object(gathered, (mine, holdings))
+    if state.rank != 0:
+        return
+    if holdings is not None:
+        # Per parameter and rank: what each rank holds of it (the planner's ground truth).
+        write_json_atomic(state.output / results.SHARDING_FILE,
+                          {"per_rank": [{"rank": entry["rank"], **held} for entry, held in gathered]})
+    document = results.document(status="ok", run=state.run, recorder=state.recorder,
+                                per_rank=[entry for entry, _ in gathered], environment=state.environment,
+                                data_info=state.data_info, failure=None, launch_time=state.started,
+                                now=time.time())
+    write_json_atomic(state.output / results.RESULTS_FILE, document)
+
+
+def fail(state: RankState, error: BaseException) -> int:
+    """This rank's failure as the run's result, with its peaks up to the failure (a CUDA OOM's reserved
+    memory is the interesting figure); returns the exit code."""
+    failure: Failure = classify(error, state.rank, state.recorder.current_step)
+    log = state.output / f"error-rank{state.rank}.log"
+    state.output.mkdir(parents=True, exist_ok=True)
+    log.write_text("".join(traceback.format_exception(error)))
+    failure.traceback_file = str(log)
+    mine = {"rank": state.rank, "memory": state.memory.close() if state.memory is not None else None,
+            "holdings": None}
+    document = results.document(status=failure.status, run=state.run, recorder=state.recorder, per_rank=[mine],
+                                environment=state.environment, data_info=state.data_info, failure=failure,
+                                launch_time=state.started, now=time.time())
+    write_json_atomic(state.output / results.RESULTS_FILE, document)
+    where = f"rank {state.rank}, step {failure.step}" if failure.step else f"rank {state.rank}, before training"
+    asked = f", {failure.bytes_requested:,} bytes requested" if failure.bytes_requested else ""
+    print(f"shardkit: {failure.status}: {where}{asked}: {failure.message} (traceback: {log})", file=sys.stderr,
+          flush=True)
+    return EXIT_OOM if failure.status == "oom" else EXIT_ERROR
+
+
+def run_rank(run, rank: int, local_rank: int, started: float) -> int:
+    """Never returns: leaves the process with the run's exit code once the results are written."""
+    state = RankState(run, rank, started, Recorder())
+    try:
+        device = setup(state, local_rank)
+        gather(state, train(state, device))
+        dist.barrier()
+        dist.destroy_process_group()  # DeepSpeed's CPU comm aborts the interpreter at exit without it
+        code = 0
+    except BaseException as error:  # noqa: BLE001 - every failure becomes a result, then a prompt exit
+        code = fail(state, error)
+    # Leave without the interpreter's teardown, which sometimes aborted a rank whose work was done and
+    # written ("terminate called without an active exception": 3 of 41 two-launcher CPU runs, 0 of 40
+    # since); most likely the gloo group, still referenced by the model's device mesh, destroyed late.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..spec.resolve import ResolvedRun
+
+    config_file = (argv or sys.argv[1:])[0]
+    run = ResolvedRun.from_dict(read_json(config_file))
+    return run_rank(run, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), launch_time())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

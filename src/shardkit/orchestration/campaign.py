@@ -1,0 +1,231 @@
+"""Running recipes: one row (``shardkit run``) or many (``shardkit reproduce``), each row in its own process
+with a time limit, its results written atomically as it finishes, finished rows skipped on resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UsageError
+from ..results.document import RESULTS_FILE
+from ..results.failure import Failure
+from ..results.files import read_json
+from ..spec import recipes
+from ..spec.presets import preset_name
+from ..spec.resolve import ResolvedRun
+
+
+def visible_gpu_memory() -> list[int]:
+    """Total memory of each GPU this process can use; through NVML when the local torch is a CPU build
+    (containers bring their own CUDA torch)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        return [pynvml.nvmlDeviceGetMemoryInfo(h).total for h in handles]
+    except Exception:  # no driver: no GPU
+        return []
+
+
+def predicted_oom(recipe: recipes.Recipe, gpu_memory: int | None) -> str | None:
+    """Why the planner expects this row not to fit on these GPUs (today's stack), or None."""
+    if gpu_memory is None or not needs_gpus(recipe):
+        return None
+    from ..planner import GIB, predict_recipe
+
+    p = predict_recipe(recipe, "today", gpu_memory)
+    if p.verdict != "oom":
+        return None
+    return (f"predicted OOM: {p.live / GIB:.1f} GiB live on a {gpu_memory / GIB:.1f} GiB GPU "
+            f"(shardkit plan {recipe.name}; --run-predicted-oom runs it anyway)")
+
+
+def needs_gpus(recipe: recipes.Recipe) -> bool:
+    """The table's rows need their GPUs; tiny recipes run anywhere (on CPU ranks without a GPU)."""
+    return preset_name(recipe.model) != "tiny"
+
+
+def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None) -> Path:
+    return root / (f"probe{probe}" if probe else "full") / recipe.name
+
+
+def nodes_from_env() -> tuple[int, int, str | None]:
+    """torchrun's c10d rendezvous for a row spread over nodes: NNODES, NODE_RANK, RDZV_ENDPOINT (host:port)."""
+    nodes = int(os.environ.get("NNODES", "1"))
+    endpoint = os.environ.get("RDZV_ENDPOINT")
+    if nodes > 1 and not endpoint:
+        raise UsageError(f"NNODES={nodes} needs RDZV_ENDPOINT=host:port (the first node's address)")
+    return nodes, int(os.environ.get("NODE_RANK", "0")), endpoint
+
+
+def train_argv(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], probe: int | None) -> list[str]:
+    nodes, node_rank, endpoint = nodes_from_env()
+    if recipe.gpus % nodes:
+        raise UsageError(f"recipe {recipe.name}: {recipe.gpus} GPUs do not split over NNODES={nodes}")
+    argv = recipes.seed_argv(recipe, str(output_dir)) + ["--nproc_per_node", str(recipe.gpus // nodes)]
+    if nodes > 1:
+        argv += ["--nnodes", str(nodes), "--node_rank", str(node_rank), "--rdzv_endpoint", endpoint]
+    if probe:
+        argv += ["--max_steps", str(probe), "--save_strategy", "no"]
+    return argv + overrides
+
+
+@dataclass(frozen=True)
+class Row:
+    """One recipe to run: where its results go, what overrides it, and the run it resolved to (once)."""
+
+    recipe: recipes.Recipe
+    folder: Path
+    overrides: tuple[str, ...]
+    probe: int | None
+    run: ResolvedRun
+
+
+def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], probe: int | None) -> Row:
+    """The row's command line, parsed and resolved once; refused input names the recipe."""
+    from ..engine.preflight import check_engine
+    from ..spec.flags import parse_args
+    from ..spec.resolve import resolve
+
+    try:
+        cfg, launch = parse_args(train_argv(recipe, folder, overrides, probe))
+        run = resolve(cfg, launch)
+        check_engine(run)
+        if run.plan.parallelism != recipe.parallelism:
+            said = "offloads" if run.plan.parallelism.offload else "does not offload"
+            raise UsageError(f"METHOD {recipe.method} contradicts {cfg.deepspeed or '--fsdp ' + cfg.fsdp!r}, which "
+                             f"{said}: the run would be {run.plan.parallelism.name}")
+    except UsageError as error:
+        raise UsageError(f"recipe {recipe.name}: {error}") from None
+    return Row(recipe, folder, tuple(overrides), probe, run)
+
+
+def _tee(stream, log, echo: bool) -> None:
+    for line in iter(stream.readline, ""):
+        log.write(line)
+        log.flush()
+        if echo:  # stderr: stdout is kept for the verdicts (--json)
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+
+def run_row(row: Row, timeout_s: float | None, echo: bool = True) -> int:
+    """One row in its own process group, launched from its resolved run; a row that outlives its limit is
+    killed and recorded as an error."""
+    from ..engine.launch import write_config
+
+    row.folder.mkdir(parents=True, exist_ok=True)
+    config = write_config(row.run)
+    started = time.time()
+    with open(row.folder / "train.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "shardkit.engine.launch", str(config)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        reader = threading.Thread(target=_tee, args=(process.stdout, log, echo), daemon=True)
+        reader.start()
+        try:
+            code = process.wait(timeout=timeout_s)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
+            _kill_group(process)
+            if isinstance(stop, KeyboardInterrupt):
+                raise
+            code = record_failure(row, Failure(kind="error", message=f"timed out after {timeout_s:g} s (row time limit)"),
+                                  started)
+        finally:
+            reader.join(timeout=10)
+    return code
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def record_failure(row: Row, failure: Failure, started: float | None = None) -> int:
+    """Results for a row whose ranks wrote none (timed out, killed), in the row's output folder."""
+    from ..engine.launch import write_failure
+
+    return write_failure(row.run, started or time.time(), failure)
+
+
+def finished(output_dir: Path) -> bool:
+    """A row is finished once its results file exists (it is written last, atomically)."""
+    return (output_dir / RESULTS_FILE).is_file()
+
+
+def reproduce(names: list[str], root: Path, probe: int | None, force: bool, timeout_s: float | None,
+              overrides: list[str], runner=None, run_predicted_oom: bool = False,
+              ) -> tuple[dict[str, Path], dict[str, str]]:
+    """Runs each row that can run here, with ``runner`` (default: a local process; ``row_runner`` gives the
+    container one); returns {name: output folder} and {name: why not run}."""
+    runner = runner or run_row
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    # Every row is resolved (and so checked) before any row runs.
+    rows = [resolve_row(recipe, row_dir(root, recipe, probe), overrides, probe)
+            for recipe in map(recipes.load_recipe, names)]
+    memories = visible_gpu_memory()
+    gpus = len(memories)
+    # A row must fit the smallest card; with --run-predicted-oom nothing is predicted.
+    memory = min(memories) if memories and not run_predicted_oom else None
+    folders, not_run = {}, {}
+    for index, row in enumerate(rows, start=1):
+        recipe, folder = row.recipe, row.folder
+        folders[recipe.name] = folder
+        header = f"[{index}/{len(rows)}] {recipe.name}"
+        if needs_gpus(recipe) and recipe.gpus > gpus:
+            not_run[recipe.name] = f"needs {recipe.gpus} GPUs, {gpus} visible"
+            console.print(f"{header}: not run ({not_run[recipe.name]})")
+            continue
+        skip = predicted_oom(recipe, memory)
+        if skip:
+            not_run[recipe.name] = skip
+            console.print(f"{header}: not run ({skip})")
+            continue
+        if finished(folder) and not force:
+            console.print(f"{header}: finished earlier, kept ({folder}; --force reruns)")
+            continue
+        console.rule(header)
+        code = runner(row, timeout_s)
+        status = read_json(folder / RESULTS_FILE)["status"] if finished(folder) else f"exit {code}"
+        console.print(f"{header}: {status}")
+    return folders, not_run
+
+
+def row_runner(kind: str, image: str, results_root: Path):
+    """The function that runs one row, here ("native") or in a container ("docker"); "auto" takes the
+    container when the daemon can give it GPUs and has the image. Everything above it is shared."""
+    if kind == "native":
+        return run_row
+    from . import containers
+
+    if kind == "auto":
+        try:
+            connection = containers.client()
+        except containers.DockerUnavailable:
+            return run_row
+        if not (containers.has_gpu_runtime(connection) and connection.images.list(name=image)):
+            return run_row
+
+    def in_container(row: Row, timeout_s: float | None) -> int:
+        return containers.run_recipe(image, row, results_root, timeout_s)
+
+    return in_container

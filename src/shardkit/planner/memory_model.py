@@ -1,0 +1,323 @@
+"""Peak memory per GPU of one training rank, term by term, for FSDP and ZeRO-3 on LLaMA shapes.
+
+Pure arithmetic on the model's shape and the run's settings: no torch import, so the planner answers in
+milliseconds on any machine. Every term says where its bytes live (GPU or host), whether the caching
+allocator must find them (``live``) or only fills free memory with them (``elastic``), and the source of
+its formula. docs/planner.md explains each term and shows the calibration against the table.
+
+Notation (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models",
+section 4): T = b*s tokens per micro-batch, h hidden, I intermediate (MLP), a heads, L layers, V vocabulary,
+P parameters, N ranks sharing the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from math import prod
+from typing import Literal
+
+from ..spec.parallelism import Parallelism
+
+Stack = Literal["2023", "today"]
+Attention = Literal["eager", "sdpa"]
+
+GROUPS = ("parameters", "gradients", "optimizer states", "activations", "logits and loss",
+          "communication and prefetch", "runtime", "host")
+STACKS: dict[str, str] = {
+    "2023": "the table's stack: HF Trainer 4.28 on torch 2.0 FSDP (FlatParameter, FSDP1) or DeepSpeed 0.9 "
+            "ZeRO-3, eager attention",
+    "today": "shardkit's native engine: torch FSDP2 (fully_shard) or DeepSpeed ZeRO-3, transformers 5",
+}
+
+# transformers' "Model training anatomy" guide measures what CUDA kernels take as soon as torch touches the
+# GPU: "the kernels alone take up 1.3GB of GPU memory" (1343 MB in its printout). It is outside the caching
+# allocator, so nvidia-smi (the table's instrument) counts it and torch.cuda.max_memory_reserved does not.
+CUDA_CONTEXT_BYTES = 1343 * 2**20
+
+# Bytes of the attention-score tensors (a*b*s*s elements each) that eager attention saves for backward.
+# transformers 4.28 LlamaAttention: scores + mask are clamped with torch.max (saves its bf16 input),
+# softmax in fp32 (saves its fp32 output), cast back to bf16 (saved by the matmul with V): 2 + 4 + 2.
+# transformers 5 eager_attention_forward has no clamp: 4 + 2.
+_SCORE_BYTES_SAVED = {"2023": 8, "today": 6}
+# The loss's vocabulary-sized tensors at their peak (the loss backward), in bytes per token per vocab entry.
+# 4.28 LlamaForCausalLM: bf16 logits, a shifted contiguous copy and log_softmax in bf16, then the gradients
+# of log_softmax's output and input and of the logits: 8. transformers 5's ForCausalLMLoss upcasts the
+# logits to fp32 first (logits.float()), so log_softmax, its saved output and both gradients are fp32: 12.
+_LOSS_BYTES = {"2023": 8, "today": 12}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A LLaMA-architecture model (untied embeddings, SwiGLU MLP, RMSNorm, as many KV heads as heads)."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+
+    @property
+    def layer_params(self) -> int:
+        # q, k, v, o projections; gate, up, down projections; two RMSNorm weights.
+        return 4 * self.hidden**2 + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden
+
+    @property
+    def params(self) -> int:
+        # Input embedding and LM head (not tied in LLaMA) and the final norm.
+        return self.layers * self.layer_params + 2 * self.embedding_params + self.hidden
+
+    def units(self) -> list[list[tuple[int, ...]]]:
+        """Parameter shapes grouped by FSDP unit, as the model holds them: one unit per decoder layer, then the
+        root (embeddings, final norm, LM head)."""
+        h, i = self.hidden, self.intermediate
+        layer = [(h, h)] * 4 + [(i, h), (i, h), (h, i), (h,), (h,)]
+        return [layer] * self.layers + [[(self.vocab, h), (h,), (self.vocab, h)]]
+
+    @property
+    def largest_module_params(self) -> int:
+        """The biggest single module's parameters: what ZeRO-3 gathers at once at least."""
+        return max(self.embedding_params, self.hidden * self.intermediate, self.hidden**2)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One rank's share of a run: everything the terms depend on."""
+
+    shape: Shape
+    parallelism: Parallelism
+    gpus: int
+    micro_batch: int
+    seq_len: int
+    grad_ckpt: bool
+    accumulation: int
+    attention: Attention = "eager"
+    # ZeRO-3 knobs; None means the seed config's value: "auto" as HF fills it (hidden^2, 0.9 hidden^2) and
+    # the 1e9 the config sets.
+    reduce_bucket_size: int | None = None
+    prefetch_bucket_size: int | None = None
+    max_live_parameters: int = 10**9
+    sub_group_size: int = 10**9
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def method(self) -> str:
+        return self.parallelism.kind
+
+    @property
+    def offload(self) -> bool:
+        return self.parallelism.offload
+
+
+@dataclass(frozen=True)
+class Term:
+    """One component of the memory. ``phase``: None for bytes held throughout the step; "layer" for those
+    held only while a decoder layer runs its backward, "loss" for those held only around the loss, "load"
+    for those held only while the model is loaded, before training. Phases never overlap in time, so the
+    peak counts the largest of them."""
+
+    group: str
+    name: str
+    bytes: int
+    device: Literal["gpu", "host"]
+    kind: Literal["live", "elastic"]
+    phase: Literal["layer", "loss", "load"] | None
+    source: str
+    pinned: bool = False
+    """Host bytes in page-locked memory (offloaded parameters, master copies and gradients; not Adam's moments,
+    which the optimizers allocate with zeros_like): the container needs that much memlock."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _term(group, name, value, source, device="gpu", kind="live", phase=None, pinned=False) -> Term:
+    return Term(group, name, int(value), device, kind, phase, source, pinned and device == "host")
+
+
+def local_elements(w: Workload, stack: Stack, rank: int = 0) -> int:
+    """Parameter elements rank ``rank`` holds, exactly as each engine splits them.
+
+    FSDP2 splits every parameter on dim 0 like torch.chunk (ceil(rows / N) rows per rank, the last ranks
+    get fewer or none); FSDP1 flattens each unit into one FlatParameter padded to a multiple of N and gives
+    every rank an equal slice; ZeRO-3 pads each parameter to a multiple of N and gives every rank an equal
+    slice (ds_tensor)."""
+    n, total = w.gpus, 0
+    for unit in w.shape.units():
+        if w.method == "zero3":
+            total += sum(-(-prod(d) // n) for d in unit)
+        elif stack == "2023":
+            total += -(-sum(prod(d) for d in unit) // n)
+        else:
+            for dims in unit:
+                rows = -(-dims[0] // n)
+                mine = max(0, min(dims[0], (rank + 1) * rows) - rank * rows)
+                total += mine * prod(dims[1:])
+    return total
+
+
+def model_state_terms(w: Workload, stack: Stack) -> list[Term]:
+    """Parameters, gradients and optimizer states (ZeRO paper: Rajbhandari et al. 2020, section 3.1: mixed
+    precision Adam holds 2 + 2 + 12 bytes per parameter, divided by N once fully sharded)."""
+    local = local_elements(w, stack)  # rank 0's share: the largest
+    where = "host" if w.offload else "gpu"
+    if w.method == "fsdp":
+        sharded = ("FSDP keeps the fp32 parameters sharded (FlatParameter in FSDP1, DTensor in FSDP2); "
+                   "bf16 exists only while a unit is unsharded")
+        return [
+            _term("parameters", "fp32 parameter shard", 4 * local, sharded, where, pinned=True),
+            _term("gradients", "fp32 gradient shard", 4 * local,
+                  "reduce-scattered gradients are kept in the parameters' dtype (FSDP1 _cast_grad_to_param_dtype; "
+                  "FSDP2 accumulates into the fp32 sharded .grad)", where, pinned=True),
+            _term("optimizer states", "Adam exp_avg + exp_avg_sq, fp32", 8 * local,
+                  "torch.optim.AdamW state (ZeRO paper K=12 less the fp32 master copy, which here is the "
+                  "parameter itself)", where),
+        ]
+    terms = [
+        _term("parameters", "bf16 parameter partition", 2 * local,
+              "ZeRO-3 partitions the bf16 parameters (ds_tensor); offload_param keeps them in pinned host memory",
+              where, pinned=True),
+        _term("optimizer states", "fp32 master partition", 4 * local, "ZeRO paper: the fp32 copy Adam updates",
+              where, pinned=True),
+        _term("optimizer states", "Adam exp_avg + exp_avg_sq, fp32", 8 * local,
+              "DeepSpeedCPUAdam (offload) or torch Adam on the fp32 partition", where),
+    ]
+    if w.offload:
+        return [*terms, _term("gradients", "fp32 gradient partition", 4 * local,
+                              "offload_optimizer: reduced gradients go straight into the fp32 partition's .grad "
+                              "on the host", "host", pinned=True)]
+    return [
+        *terms,
+        _term("gradients", "bf16 gradient partition", 2 * local,
+              "stage3 grad_partitions_flat_buffer (one bf16 element per partitioned parameter)"),
+        _term("gradients", "fp32 gradient of one sub-group during the step", 4 * min(w.sub_group_size, local),
+              "stage3 upcasts one sub_group_size slice of the gradient partition at a time"),
+    ]
+
+
+def activation_terms(w: Workload, stack: Stack) -> list[Term]:
+    """What the forward saves for backward and what the backward allocates on top, per rank."""
+    s = w.shape
+    t, h, i, a, b, seq = w.tokens, s.hidden, s.intermediate, s.heads, w.micro_batch, w.seq_len
+    scores = a * b * seq * seq
+    # Per layer, bf16 unless noted. Each RMSNorm saves its fp32 input copy (4Th), its fp32 1/rms per token
+    # (4T), the normalized bf16 tensor the weight multiplies (2Th) and the product the projections read
+    # (2Th); then rotated q and k and v (6Th), the attention output made contiguous for o_proj (2Th), and
+    # the MLP's gate, SiLU, up and product (8TI). transformers 4.28's RMSNorm multiplies its bf16 *input*
+    # by 1/rms, so it saves that input too: the residual sum before the second norm (2Th) and, without
+    # checkpointing, the layer's input (2Th; with checkpointing that is the checkpoint itself).
+    # tests/test_planner.py counts what transformers 5 saves, tensor by tensor, and finds exactly this.
+    saved_layer = 24 * t * h + 8 * t + 8 * t * i
+    if stack == "2023":
+        saved_layer += 2 * t * h + (0 if w.grad_ckpt else 2 * t * h)
+    if w.attention == "eager":
+        saved_layer += _SCORE_BYTES_SAVED[stack] * scores
+        # In softmax's backward the bf16 probabilities are already freed (their matmul ran first) while the
+        # fp32 gradients of softmax's output and input are both held: -2 + 4 + 4 bytes per score.
+        transient, transient_source = 6 * scores, "eager softmax backward: two fp32 score gradients at once"
+    else:
+        saved_layer += 4 * a * t  # memory-efficient / flash attention keeps only the fp32 log-sum-exp
+        transient, transient_source = 6 * t * h, "SDPA backward: gradients of q, k and v"
+    base = "24Th + 8T + 8TI" if stack == "today" else f"{26 if w.grad_ckpt else 28}Th + 8T + 8TI"
+    layer_source = (f"per-layer saved tensors: {base} + {_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores"
+                    if w.attention == "eager" else f"per-layer saved tensors: {base} + 4aT (no s^2 term)")
+    layer_source += " (Korthikanti et al. 2022 eq. 1, redone for LLaMA's blocks and the stack's attention code)"
+    terms = []
+    if w.grad_ckpt:
+        terms.append(_term("activations", "checkpointed layer inputs", 2 * t * h * s.layers,
+                           "checkpointing keeps each layer's bf16 input, 2Th per layer (Korthikanti et al. "
+                           "2022 section 5)"))
+        terms.append(_term("activations", "one layer recomputed in backward", saved_layer, layer_source,
+                           phase="layer"))
+    else:
+        terms.append(_term("activations", f"all {s.layers} layers' saved tensors", saved_layer * s.layers,
+                           layer_source))
+    terms.append(_term("activations", "backward transient", transient, transient_source, phase="layer"))
+    terms.append(_term("logits and loss", "vocabulary-sized tensors of the loss", _LOSS_BYTES[stack] * t * s.vocab,
+                       "bf16 logits, log-softmax and their gradients (transformers 4.28); fp32 after "
+                       "transformers 5's logits.float()", phase="loss"))
+    return terms
+
+
+def communication_terms(w: Workload, stack: Stack) -> list[Term]:
+    """Unsharded units in flight (FSDP) or gathered parameters and buckets (ZeRO-3)."""
+    s, n = w.shape, w.gpus
+    if w.method == "zero3":
+        reduce_bucket = w.reduce_bucket_size or s.hidden**2
+        prefetch = w.prefetch_bucket_size or int(0.9 * s.hidden**2)
+        largest = s.largest_module_params
+        kept = max(0, min(w.max_live_parameters, s.params) - largest - prefetch)
+        return [
+            _term("communication and prefetch", "largest module gathered, with its gradient", 4 * largest,
+                  "DeepSpeed estimate_zero3_model_states_mem_needs: largest_layer_memory = 4 x largest layer"),
+            _term("communication and prefetch", "prefetch bucket", 2 * prefetch,
+                  "stage3_prefetch_bucket_size ('auto': 0.9 hidden^2) bf16 parameters fetched ahead"),
+            _term("communication and prefetch", "parameters kept gathered", 2 * kept,
+                  "stage3_max_live_parameters / max_reuse_distance (1e9 in the seed's config): parameters "
+                  "reused soon are not released"),
+            _term("communication and prefetch", "gradient reduce bucket", 4 * reduce_bucket,
+                  "reduce_bucket_size ('auto': hidden^2) bf16: the flat bucket and the .grads waiting for it",
+                  phase="layer"),
+        ]
+    unit, root = s.layer_params, 2 * s.embedding_params + s.hidden
+    terms = [
+        _term("communication and prefetch", "root unit unsharded (embeddings, LM head, norm)", 2 * root,
+              "the root FSDP unit is not resharded after forward (FSDP1 _post_forward; FSDP2 root "
+              "reshard_after_forward=False), bf16"),
+        _term("communication and prefetch", "two layer units unsharded (current + prefetched)", 2 * 2 * unit,
+              "backward_prefetch BACKWARD_PRE (FSDP1 default) / FSDP2's implicit prefetch: one unit ahead"),
+        _term("communication and prefetch", "unit gradient being reduce-scattered",
+              (2 if stack == "2023" else 2 + 4) * unit,
+              "bf16 unsharded gradient (2023: reduce_dtype bf16, HF's MixedPrecision); FSDP2 here reduces "
+              "in fp32, an extra fp32 copy", phase="layer"),
+    ]
+    if w.offload:
+        terms.append(_term("communication and prefetch", "offloaded shards copied to the GPU", 2 * 6 * unit / n,
+                           "each unsharded unit first copies its fp32 host shard to the GPU and casts it to bf16 "
+                           "(FSDP1 _use_low_precision_shard: _local_shard.to(device) then _mp_shard)"))
+    if stack == "2023":
+        if w.accumulation > 1:
+            terms.append(_term("gradients", "unsharded bf16 gradients accumulated under no_sync()", 2 * s.params,
+                               "HF Trainer 4.28 wraps the non-final micro-batches in model.no_sync(); FSDP1 then "
+                               "keeps each FlatParameter's unsharded .grad (_post_backward_hook returns before "
+                               "the reduce-scatter; no_sync docstring: 'full model gradients')"))
+        ahead = (s.layers - 2) * (2 * unit + (6 * unit / n if w.offload else 0))
+        terms.append(_term("communication and prefetch", "all-gathers issued ahead (limit_all_gathers=False)", ahead,
+                           "torch 2.0 FSDP and HF 4.28's fsdp_config default limit_all_gathers=False: the CPU "
+                           "issues later units' all-gathers before the GPU frees earlier ones (the rate limiter, "
+                           "default from torch 2.1, bounds this to two units)", kind="elastic"))
+    return terms
+
+
+def runtime_terms() -> list[Term]:
+    return [_term("runtime", "CUDA context and kernels", CUDA_CONTEXT_BYTES,
+                  "transformers docs, 'Model training anatomy': the kernels alone take 1.3 GB")]
+
+
+def host_terms(w: Workload, stack: Stack) -> list[Term]:
+    """Host memory beyond the offloaded model states (which model_state_terms already places on the host)."""
+    if w.method == "fsdp" and stack == "2023":
+        return [_term("host", "full fp32 model loaded by every rank before wrapping", 4 * w.shape.params,
+                      "Alpaca's train.py calls from_pretrained on each rank in fp32 before the Trainer wraps it "
+                      "in FSDP: one whole copy per rank, per GPU of the node", device="host", phase="load")]
+    return []
+
+
+def terms(w: Workload, stack: Stack) -> list[Term]:
+    return [*model_state_terms(w, stack), *activation_terms(w, stack), *communication_terms(w, stack),
+            *runtime_terms(), *host_terms(w, stack)]
+
+
+def peak(term_list: list[Term], device: str = "gpu", kinds: tuple[str, ...] = ("live",)) -> int:
+    """Bytes held at the worst moment of a training step: everything held throughout plus the larger of the
+    layer and loss phases (load-phase terms are the caller's: they come before the step)."""
+    chosen = [t for t in term_list if t.device == device and t.kind in kinds]
+    always = sum(t.bytes for t in chosen if t.phase is None)
+    phases = [sum(t.bytes for t in chosen if t.phase == phase) for phase in ("layer", "loss")]
+    return always + max(phases)

@@ -1,0 +1,184 @@
+"""The planner's prediction: peak memory per GPU for a recipe or any configuration, and its verdict against
+the card (docs/planner.md).
+
+Verdicts follow how PyTorch's caching allocator behaves: it keeps what it once reserved, so a run's
+reported peak (nvidia-smi, the table's instrument) grows towards the card; when an allocation does not fit
+it frees its cached blocks and retries before it gives up. So only the ``live`` bytes decide OOM; the
+``elastic`` bytes (all-gathers issued ahead) only fill memory that is free. A run whose live bytes fit but
+whose live + elastic bytes exceed the card is "at capacity": it runs, reported at the card's size, slowed
+by the allocator's retries."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from itertools import product
+
+from ..errors import UsageError
+from ..spec.parallelism import Parallelism
+from ..spec.presets import LLAMA1_COMMON, PRESETS, preset_name
+from . import memory_model as mm
+
+GIB = 2**30
+# An "80GB" A100 or H100 has 80 GiB (81,920 MiB): GPU vendors and nvidia-smi count in binary units.
+DEFAULT_GPU_MEMORY = 80 * GIB
+_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
+          "tb": 2**40, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'80GB', '80GiB', '81920MiB', '512GB' -> bytes. GB is read as GiB, as GPU vendors and nvidia-smi mean it."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise UsageError(f"{flag} {text!r}: expected a size such as 80GB, 80GiB or 81920MiB")
+    value = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if value <= 0:
+        raise UsageError(f"{flag} {text!r}: must be more than 0 bytes")
+    return int(value)
+
+
+def _preset(model: str) -> dict:
+    name = preset_name(model)
+    if name is None:
+        raise UsageError(f"unknown model {model!r}: the planner knows {', '.join(PRESETS)} "
+                         "(and the seed's decapoda-research/llama-*-hf names)")
+    return {**LLAMA1_COMMON, **PRESETS[name]}
+
+
+def shape_of(model: str) -> mm.Shape:
+    preset = _preset(model)
+    return mm.Shape(hidden=preset["hidden_size"], intermediate=preset["intermediate_size"],
+                    layers=preset["num_hidden_layers"], heads=preset["num_attention_heads"], vocab=preset["vocab_size"])
+
+
+def seq_len_of(model: str) -> int:
+    return _preset(model)["max_position_embeddings"]
+
+
+def check_gpus(gpus: int) -> None:
+    if gpus < 1:
+        raise UsageError(f"--gpus {gpus}: needs at least one GPU")
+
+
+def workload(model: str, parallelism: Parallelism, gpus: int, micro_batch: int, grad_ckpt: bool,
+             accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None) -> mm.Workload:
+    check_gpus(gpus)
+    if micro_batch < 1:
+        raise UsageError(f"batch {micro_batch}: needs at least one sequence per GPU")
+    return mm.Workload(shape=shape_of(model), parallelism=parallelism, gpus=gpus, micro_batch=micro_batch,
+                       seq_len=seq_len or seq_len_of(model), grad_ckpt=grad_ckpt,
+                       accumulation=accumulation or parallelism.seed_accumulation, attention=attention)
+
+
+def recipe_workload(recipe, gpus: int | None = None) -> mm.Workload:
+    attention = "eager" if recipe.attn == "eager" else "sdpa"
+    return workload(recipe.model, recipe.parallelism, recipe.gpus if gpus is None else gpus, recipe.batch,
+                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len)
+
+
+@dataclass
+class Prediction:
+    name: str
+    stack: str
+    workload: mm.Workload
+    gpu_memory: int
+    host_memory: int | None
+    terms: list[mm.Term] = field(default_factory=list)
+
+    @property
+    def live(self) -> int:
+        return mm.peak(self.terms)
+
+    @property
+    def with_elastic(self) -> int:
+        return mm.peak(self.terms, kinds=("live", "elastic"))
+
+    @property
+    def verdict(self) -> str:
+        if self.live > self.gpu_memory:
+            return "oom"
+        return "at capacity" if self.with_elastic > self.gpu_memory else "fits"
+
+    @property
+    def reported(self) -> int | None:
+        """What nvidia-smi would show at the peak: None when the run does not fit."""
+        return None if self.verdict == "oom" else min(self.with_elastic, self.gpu_memory)
+
+    @property
+    def margin(self) -> int:
+        """Card minus live bytes: negative is by how much it does not fit."""
+        return self.gpu_memory - self.live
+
+    @property
+    def host(self) -> int:
+        """Host memory on the node at its peak, loading or training: every rank's (all ranks on one node, as in
+        the table). The optimizer's states exist only once training starts, after the load."""
+        training = mm.peak([t for t in self.terms if t.phase != "load"], device="host")
+        loading = sum(t.bytes for t in self.terms if t.device == "host" and t.phase == "load")
+        return max(training, loading) * self.workload.gpus
+
+    @property
+    def host_pinned(self) -> int:
+        return sum(t.bytes for t in self.terms if t.pinned) * self.workload.gpus
+
+    @property
+    def host_verdict(self) -> str | None:
+        if self.host_memory is None:
+            return None
+        return "fits" if self.host <= self.host_memory else "oom"
+
+    def activation_variants(self) -> dict[str, int]:
+        """Peak activation + loss bytes of this run with and without checkpointing, eager and memory-efficient
+        (SDPA) attention, everything else unchanged: what each choice would cost."""
+        out = {}
+        for ckpt, attention in product((True, False), ("eager", "sdpa")):
+            w = replace(self.workload, grad_ckpt=ckpt, attention=attention)
+            label = f"{'checkpointing' if ckpt else 'no checkpointing'}, {attention}"
+            out[label] = mm.peak(mm.activation_terms(w, self.stack))
+        return out
+
+    def summary(self) -> str:
+        w = self.workload
+        label = (f"{w.parallelism.label}, {'' if w.grad_ckpt else 'no '}checkpointing, "
+                 f"batch {w.micro_batch} x {w.accumulation} accumulation, {w.gpus} GPUs, {w.attention} attention")
+        if self.verdict == "oom":
+            verdict = f"OOM by {-self.margin / GIB:.1f} GiB"
+        elif self.verdict == "at capacity":
+            verdict = (f"fits at capacity: live {self.live / GIB:.1f} GiB, the caching allocator fills the card "
+                       f"(margin {self.margin / GIB:.1f} GiB)")
+        else:
+            verdict = f"fits, margin {self.margin / GIB:.1f} GiB"
+        host = f"; host {self.host / GIB:.0f} GiB ({self.host_pinned / GIB:.0f} pinned)" if self.host else ""
+        if self.host_verdict == "oom":
+            host += f" > --host-mem {self.host_memory / GIB:.0f} GiB: host OOM"
+        return f"{label}: {verdict} on {self.gpu_memory / GIB:.0f} GiB{host}"
+
+    def to_dict(self) -> dict:
+        w = self.workload
+        return {
+            "name": self.name, "stack": self.stack, "stack_description": mm.STACKS[self.stack],
+            "workload": {"hidden": w.shape.hidden, "intermediate": w.shape.intermediate, "layers": w.shape.layers,
+                         "heads": w.shape.heads, "vocab": w.shape.vocab, "parameters": w.shape.params,
+                         "method": w.parallelism.name, "kind": w.method, "offload": w.offload, "gpus": w.gpus, "micro_batch": w.micro_batch,
+                         "seq_len": w.seq_len, "grad_ckpt": w.grad_ckpt, "accumulation": w.accumulation,
+                         "attention": w.attention},
+            "gpu_memory_bytes": self.gpu_memory, "gpu_live_bytes": self.live,
+            "gpu_with_elastic_bytes": self.with_elastic, "gpu_reported_bytes": self.reported,
+            "verdict": self.verdict, "margin_bytes": self.margin,
+            "host_bytes": self.host, "host_pinned_bytes": self.host_pinned, "host_memory_bytes": self.host_memory,
+            "host_verdict": self.host_verdict,
+            "terms": [t.to_dict() for t in self.terms],
+            "activation_variants_bytes": self.activation_variants(),
+        }
+
+
+def predict(w: mm.Workload, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
+            host_memory: int | None = None, name: str = "") -> Prediction:
+    if stack not in mm.STACKS:
+        raise UsageError(f"--stack {stack!r}: one of {', '.join(mm.STACKS)}")
+    return Prediction(name, stack, w, gpu_memory, host_memory, mm.terms(w, stack))
+
+
+def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
+                   host_memory: int | None = None, gpus: int | None = None) -> Prediction:
+    return predict(recipe_workload(recipe, gpus), stack, gpu_memory, host_memory, recipe.name)

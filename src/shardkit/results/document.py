@@ -1,0 +1,90 @@
+"""The results document: one JSON per run (``results.json``), built from the resolved run and what it
+recorded, partial runs included.
+
+The schema is documented in docs/results.md; bump SCHEMA_VERSION with any change to it. Version 2 names
+the method as the recipes do (``zero3_offload``, not ``deepspeed``) and adds ``run.offload``."""
+
+from __future__ import annotations
+
+from . import metrics
+from .failure import Failure
+from .record import Recorder
+
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.json"
+SHARDING_FILE = "sharding.json"
+STATUS_EXIT_CODES = {"ok": 0, "error": 1, "oom": 3}
+
+
+def _max_over_ranks(per_rank: list[dict], key: str):
+    values = [r["memory"][key] for r in per_rank if r.get("memory") and r["memory"].get(key) is not None]
+    return max(values) if values else None
+
+
+def document(*, status: str, run, recorder: Recorder | None, per_rank: list[dict], environment: dict | None,
+             data_info: dict | None, failure: Failure | None, launch_time: float, now: float) -> dict:
+    """The results document (docs/results.md) of a resolved run (spec.resolve.ResolvedRun) from what it
+    recorded; works for partial runs too."""
+    cfg, plan = run.config, run.plan
+    recorder = recorder or Recorder()
+    shape = plan.model.hf_config
+    step_times = recorder.step_times_s
+    steady = metrics.steady_state(step_times, cfg.warmup_steps_excluded)
+    step_s = steady["median_s"] if steady else (sum(step_times) / len(step_times) if step_times else None)
+    tokens_per_step = plan.global_batch * plan.seq_len
+    tokens_per_s = tokens_per_step / step_s if step_s else None
+    per_gpu = tokens_per_s / plan.world_size if tokens_per_s else None
+    flops = metrics.model_flops_per_token(plan.parameters["matmul"], shape["num_hidden_layers"],
+                                          shape["hidden_size"], plan.seq_len)
+    hw_flops = metrics.hardware_flops_per_token(plan.parameters["matmul"], shape["num_hidden_layers"],
+                                                shape["hidden_size"], plan.seq_len, cfg.gradient_checkpointing)
+    gpu = (environment or {}).get("gpu")
+    peak = metrics.peak_bf16_flops(gpu["name"]) if gpu else None
+    started = recorder.training_started_at
+    checkpoint_s = sum(recorder.checkpoint_s)
+    startup_s = started - launch_time if started else None
+    training_s = (now - started - checkpoint_s) if started else None
+    projection = None
+    if steady and startup_s is not None:
+        saves = plan.full_run_steps // cfg.save_steps if cfg.save_strategy == "steps" else 0
+        mean_save = checkpoint_s / len(recorder.checkpoint_s) if recorder.checkpoint_s else 0.0
+
+        def project(step_time):
+            return startup_s + plan.full_run_steps * step_time + saves * mean_save
+        projection = {"wall_time_s": project(steady["median_s"]),
+                      "range_s": [project(steady["min_s"]), project(steady["max_s"])],
+                      "basis": f"start-up + {plan.full_run_steps} steps x steady-state step time + {saves} saves",
+                      "steps": plan.full_run_steps}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "exit_code": STATUS_EXIT_CODES[status],
+        "failure": failure.to_dict() if failure else None,
+        "run": {"name": cfg.run_name, "model": plan.model.name, "method": plan.parallelism.name,
+                "offload": plan.parallelism.offload, "engine": plan.engine,
+                "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.gradient_checkpointing,
+                "bf16": cfg.bf16, "world_size": plan.world_size, "fake_world": plan.world_size if plan.fake_world else None, "micro_batch": plan.micro_batch,
+                "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch": plan.global_batch,
+                "seq_len": plan.seq_len, "parameters": plan.parameters, "steps_planned": plan.total_steps,
+                "steps_full_run": plan.full_run_steps, "probe": plan.total_steps < plan.full_run_steps,
+                "resumed_from_step": recorder.resumed_from_step},
+        "time": {"wall_time_s": now - launch_time, "wall_time_source": "worker", "startup_s": startup_s,
+                 "training_s": training_s, "checkpoint_s": checkpoint_s,
+                 "checkpoint_saves_s": recorder.checkpoint_s, "step_times_s": step_times,
+                 "first_step": recorder.first_step, "steady_state": steady, "projected_full_run": projection},
+        "throughput": {"tokens_per_step": tokens_per_step, "tokens_per_s": tokens_per_s,
+                       "tokens_per_s_per_gpu": per_gpu, "model_flops_per_token": flops,
+                       "hardware_flops_per_token": hw_flops, "peak_flops_per_gpu": peak,
+                       "mfu": metrics.utilization(flops, per_gpu, peak),
+                       "hfu": metrics.utilization(hw_flops, per_gpu, peak)},
+        "memory": {"max_over_ranks": {key: _max_over_ranks(per_rank, key) for key in
+                                      ("gpu_max_reserved_bytes", "gpu_max_allocated_bytes",
+                                       "gpu_nvml_used_peak_bytes", "host_rss_peak_bytes")},
+                   "per_rank": per_rank},
+        "loss": recorder.loss,
+        "lr": recorder.lr,
+        "data": data_info,
+        "environment": environment,
+    }

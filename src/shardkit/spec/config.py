@@ -1,0 +1,192 @@
+"""The one typed configuration of a training run.
+
+Field names follow HF ``TrainingArguments`` so that the seed's command lines map onto them flag for
+flag; every field's docstring is its ``--help`` text. Unknown keys are rejected (``extra="forbid"``),
+and the resolved configuration is written beside the results of every run.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Engine = Literal["native", "hf"]
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+
+# transformers renamed these after the seed was written (--evaluation_strategy fails verbatim on
+# transformers 5's HfArgumentParser); both spellings are accepted.
+FLAG_ALIASES = {
+    "evaluation_strategy": "eval_strategy",
+}
+
+
+class TrainConfig(BaseModel):
+    """Everything one run needs; one instance per run, saved as ``config.json`` beside its results."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    # --- what to train -------------------------------------------------------------------------
+    model_name_or_path: str = "tiny"
+    """Model preset (llama-7b, llama-13b, llama-30b, llama-65b, tiny, or the seed's hub names such as
+    decapoda-research/llama-30b-hf), or a local folder with a Hugging Face config.json (and weights)."""
+
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    """Override the preset's number of decoder layers (e.g. 8 for a 7B-layer-shaped probe on one GPU)."""
+
+    hidden_size: int | None = Field(default=None, ge=1)
+    """Override the preset's hidden size."""
+
+    intermediate_size: int | None = Field(default=None, ge=1)
+    """Override the preset's MLP intermediate size."""
+
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    """Override the preset's number of attention heads."""
+
+    attn_implementation: AttnImplementation = "eager"
+    """Attention kernel: eager (what the table's 2023 stack ran), sdpa, or flash_attention_2 (if installed).
+    It changes activation memory a lot, so it is part of every result."""
+
+    # --- data ----------------------------------------------------------------------------------
+    data_path: str | None = None
+    """Instruction data (JSON list or JSONL with "prompt" and "response"); unset: synthetic data."""
+
+    tokenizer_path: str | None = None
+    """Local tokenizer folder for --data_path (defaults to the model folder). Nothing is downloaded."""
+
+    num_examples: int = Field(default=6000, ge=1)
+    """Number of synthetic examples (the seed's 6000)."""
+
+    model_max_length: int | None = Field(default=None, ge=2)
+    """Tokens per example (the seed's 2048); unset: the preset's context length."""
+
+    # --- optimisation (HF TrainingArguments names) ---------------------------------------------
+    num_train_epochs: float = Field(default=3.0, gt=0)
+    """Epochs over the data set."""
+
+    max_steps: int = -1
+    """If > 0: stop after this many optimizer steps (probe mode) and project the full run's wall time."""
+
+    per_device_train_batch_size: int = Field(default=8, ge=1)
+    """Micro-batch per rank (the table's "Batch size")."""
+
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+
+    learning_rate: float = Field(default=5e-5, ge=0)
+    """Peak learning rate of AdamW."""
+
+    weight_decay: float = Field(default=0.0, ge=0)
+    """AdamW decoupled weight decay."""
+
+    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
+    """AdamW beta1."""
+
+    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
+    """AdamW beta2."""
+
+    adam_epsilon: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    """Gradient clipping norm (0 disables)."""
+
+    warmup_ratio: float = Field(default=0.0, ge=0, le=1)
+    """Fraction of optimizer steps of linear warm-up; the learning rate then decays linearly to 0."""
+
+    lr_scheduler_type: Literal["linear"] = "linear"
+    """Learning-rate schedule (HF's default, the one the seed ran)."""
+
+    seed: int = 42
+    """Seed of weights, data and shuffling."""
+
+    bf16: bool = False
+    """bf16 mixed precision (parameters kept in fp32, compute and all-gathers in bf16)."""
+
+    tf32: bool | None = None
+    """Allow TF32 matmuls on Ampere and later GPUs."""
+
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them."""
+
+    # --- sharding ------------------------------------------------------------------------------
+    fsdp: str = ""
+    """HF-style FSDP options: "full_shard auto_wrap" and optionally "offload" (parameters, gradients and
+    optimizer states on the CPU)."""
+
+    fsdp_transformer_layer_cls_to_wrap: str | None = None
+    """The FSDP unit (HF's flag; only LlamaDecoderLayer is meaningful for these models)."""
+
+    deepspeed: str | None = None
+    """DeepSpeed JSON config file; "auto" values are filled from these flags as HF Trainer does."""
+
+    fake_world: int | None = Field(default=None, ge=2)
+    """Run rank 0 of an N-rank FSDP job alone, in this process, on a fake process group: collectives do
+    nothing, shards and allocations have their real 1/N shapes (torchtitan's dry run does the same). It
+    measures one rank's memory on one device; its time, loss and communication buffers are not the real
+    job's, and it writes no checkpoints (they would hold one rank's shards)."""
+
+    engine: Engine = "native"
+    """native: shardkit's own loop (FSDP2 fully_shard or deepspeed.initialize); hf: HF Trainer, the stack
+    the table was measured with."""
+
+    # --- outputs and checkpoints ---------------------------------------------------------------
+    output_dir: str = "runs/default"
+    """Where results.json, config.json and checkpoints go."""
+
+    run_name: str | None = None
+    """The recipe this run reproduces (its reference row for `shardkit diff`)."""
+
+    eval_strategy: Literal["no"] = "no"
+    """Evaluation is not part of the table's measurements; only "no" is accepted."""
+
+    save_strategy: Literal["no", "steps"] = "steps"
+    """Checkpoint every --save_steps optimizer steps, or never."""
+
+    save_steps: int = Field(default=500, ge=1)
+    """Optimizer steps between checkpoints."""
+
+    save_total_limit: int | None = Field(default=None, ge=1)
+    """Keep at most this many checkpoints (oldest deleted first)."""
+
+    resume_from_checkpoint: str | None = None
+    """A checkpoint folder to resume from, or "latest" for the newest one in --output_dir."""
+
+    logging_steps: int = Field(default=1, ge=1)
+    """Optimizer steps between progress lines when the output is not a terminal."""
+
+    warmup_steps_excluded: int = Field(default=2, ge=0)
+    """Optimizer steps at the start left out of the steady-state step time (allocator and kernel warm-up)."""
+
+    nvml_sample_interval_s: float = Field(default=0.2, gt=0)
+    """How often the NVML sampler reads the GPU's used memory."""
+
+    dry_run: bool = False
+    """Print the resolved configuration and exit without training."""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if self.fsdp and self.deepspeed:
+            raise ValueError("--fsdp and --deepspeed are exclusive: pick one parallel method")
+        unknown = set(self.fsdp.split()) - {"full_shard", "auto_wrap", "offload"}
+        if unknown:
+            raise ValueError(f"--fsdp {self.fsdp!r}: unsupported option(s) {sorted(unknown)}; "
+                             "supported: full_shard, auto_wrap, offload")
+        if self.fsdp and "full_shard" not in self.fsdp.split():
+            raise ValueError(f"--fsdp {self.fsdp!r}: only full_shard (ZeRO-3-like) sharding is in the table")
+        if self.fake_world and (not self.fsdp or self.engine != "native"):
+            raise ValueError(f"--fake_world {self.fake_world}: only for FSDP on the native engine (DeepSpeed and "
+                             "HF Trainer need real peers)")
+        if self.fsdp_transformer_layer_cls_to_wrap not in (None, "LlamaDecoderLayer"):
+            raise ValueError(f"--fsdp_transformer_layer_cls_to_wrap {self.fsdp_transformer_layer_cls_to_wrap!r}: "
+                             "these models' decoder layer is LlamaDecoderLayer")
+        return self
+
+    @property
+    def fsdp_offload(self) -> bool:
+        return "offload" in self.fsdp.split()
+
+
+def field_help() -> dict[str, str]:
+    """Each field's docstring, for ``--help``."""
+    return {name: " ".join((f.description or "").split()) for name, f in TrainConfig.model_fields.items()}

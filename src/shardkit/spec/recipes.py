@@ -1,0 +1,189 @@
+"""Recipes: one env file per table row (recipes/*.env), read into a typed Recipe, rendered as the seed's
+command line with the row's values filled in. One function renders every recipe."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UsageError
+from .parallelism import NAMES, Parallelism
+
+# The repository's recipes/ (an image sets SHARDKIT_RECIPES to where it copied them).
+RECIPES_DIR = Path(os.environ.get("SHARDKIT_RECIPES", Path(__file__).resolve().parents[3] / "recipes"))
+# The DeepSpeed JSON of each ZeRO-3 method, relative to recipes/: the seed's (optimizer and parameters
+# offloaded to pinned CPU memory) and the same without offload.
+DEEPSPEED_CONFIGS = {False: "configs/zero3_no_offload.json", True: "configs/deepspeed_config.json"}
+_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
+
+Method = Literal[NAMES]  # type: ignore[valid-type]
+
+
+class Recipe(BaseModel):
+    """One row of the table. Keys are the env file's, lower-cased; defaults are the values the table leaves
+    out, each with where it comes from."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+
+    name: str
+    """The file name without .env: model_method_Ngpu_bsB[_nockpt]."""
+
+    model: str
+    """Model preset or the seed's hub name (decapoda-research/llama-30b-hf)."""
+
+    method: Method
+    """fsdp, fsdp_offload (the table's "FSDP + offload"), zero3_offload ("Deepspeed + Zero 3 + Offload"), or
+    zero3 (no offload; tiny recipes only, the table has no such row)."""
+
+    gpus: int = Field(ge=1)
+    """Ranks: GPUs on a GPU machine, CPU processes on a machine without one."""
+
+    batch: int = Field(ge=1)
+    """Per-device micro-batch (the table's "Batch size")."""
+
+    grad_ckpt: bool
+    """Gradient checkpointing (the table's "Grad Ckp")."""
+
+    grad_accum: int | None = Field(default=None, ge=1)
+    """Micro-batches per step. Unset: the seed's command line for the method, 8 for FSDP and 2 for DeepSpeed."""
+
+    attn: Literal["eager", "sdpa", "flash_attention_2"] = "eager"
+    """Attention kernel. eager: transformers 4.28's LlamaAttention, what the 2023 stack ran, had no other."""
+
+    deepspeed_config: str | None = None
+    """DeepSpeed JSON, relative to recipes/. Unset: the seed's (configs/deepspeed_config.json, optimizer and
+    parameters offloaded) for zero3_offload, configs/zero3_no_offload.json for zero3. Its offload sections
+    must agree with METHOD (checked when the run is resolved)."""
+
+    bf16: bool = True
+    """The seed's --bf16 True."""
+
+    tf32: bool = True
+    """The seed's --tf32 True."""
+
+    learning_rate: float = 2e-5
+    """The seed's --learning_rate 2e-5 (with --warmup_ratio 0.03 and --weight_decay 0.)."""
+
+    epochs: float = 3
+    """The seed's --num_train_epochs 3."""
+
+    save_steps: int = 100
+    """The seed's --save_steps 100 with --save_total_limit 1: saves are part of the table's Time."""
+
+    save: bool = True
+    """Whether to checkpoint at all (tiny recipes don't)."""
+
+    seq_len: int | None = None
+    """Tokens per example: unset is the model's context, 2048 for LLaMA (the seed's examples)."""
+
+    num_examples: int = 6000
+    """The seed's 6000 examples."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (tiny recipes); unset: the full 3 epochs."""
+
+    seed: int = 42
+    """Seed of weights, data and shuffling."""
+
+    description: str = ""
+    """The table row this recipe reproduces, as printed."""
+
+    @property
+    def parallelism(self) -> Parallelism:
+        return Parallelism.from_name(self.method)
+
+    @property
+    def accumulation(self) -> int:
+        return self.grad_accum or self.parallelism.seed_accumulation
+
+    @property
+    def deepspeed_file(self) -> str:
+        return self.deepspeed_config or DEEPSPEED_CONFIGS[self.parallelism.offload]
+
+
+def recipe_path(name: str, folder: Path = RECIPES_DIR) -> Path:
+    path = Path(name)
+    if path.suffix == ".env" and path.is_file():
+        return path
+    candidate = folder / f"{name}.env"
+    if not candidate.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.env"))[:6])
+        raise UsageError(f"unknown recipe {name!r}: no {candidate} (e.g. {known}; `shardkit recipes` lists all)")
+    return candidate
+
+
+def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
+    """Parse KEY=VALUE lines (# comments, blank lines); a malformed line or unknown key names file and line."""
+    path = recipe_path(name, folder)
+    values: dict[str, str] = {}
+    description = []
+    lines: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            description.append(line.lstrip("# "))
+            continue
+        match = _LINE.match(line)
+        if not match:
+            raise UsageError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        key = match.group(1).lower()
+        if key not in Recipe.model_fields or key in ("name", "description"):
+            raise UsageError(f"{path}:{number}: unknown key {match.group(1)} "
+                             f"(known: {', '.join(k.upper() for k in Recipe.model_fields if k not in ('name', 'description'))})")
+        if key in values:
+            raise UsageError(f"{path}:{number}: {match.group(1)} given twice")
+        values[key] = match.group(2).strip().strip('"').strip("'")
+        lines[key] = number
+    try:
+        return Recipe(name=path.stem, description=" ".join(description), **values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = str(first["loc"][0]) if first["loc"] else ""
+        where = f"{path}:{lines[key]}" if key in lines else str(path)
+        raise UsageError(f"{where}: {key.upper()} {first.get('input')!r}: {first['msg']}") from None
+
+
+def all_names(folder: Path = RECIPES_DIR) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.env"))
+
+
+def seed_argv(recipe: Recipe, output_dir: str, folder: Path = RECIPES_DIR) -> list[str]:
+    """The seed's command line (finetune_llama.py flags, in the seed's order) with the row's values."""
+    argv = ["--model_name_or_path", recipe.model, "--bf16", str(recipe.bf16), "--output_dir", output_dir,
+            "--num_train_epochs", f"{recipe.epochs:g}", "--per_device_train_batch_size", str(recipe.batch),
+            "--gradient_accumulation_steps", str(recipe.accumulation), "--evaluation_strategy", "no",
+            "--save_strategy", "steps" if recipe.save else "no", "--save_steps", str(recipe.save_steps),
+            "--save_total_limit", "1", "--learning_rate", f"{recipe.learning_rate:g}", "--weight_decay", "0.",
+            "--warmup_ratio", "0.03"]
+    argv += method_flags(recipe.parallelism, folder / recipe.deepspeed_file)
+    argv += ["--gradient_checkpointing", str(recipe.grad_ckpt), "--tf32", str(recipe.tf32)]
+    argv += ["--attn_implementation", recipe.attn, "--run_name", recipe.name, "--seed", str(recipe.seed),
+             "--num_examples", str(recipe.num_examples)]
+    if recipe.seq_len:
+        argv += ["--model_max_length", str(recipe.seq_len)]
+    if recipe.max_steps:
+        argv += ["--max_steps", str(recipe.max_steps)]
+    return argv
+
+
+def method_flags(parallelism: Parallelism, deepspeed_file: Path | None = None) -> list[str]:
+    """The seed's flags for a parallel method (the one place a method becomes flags)."""
+    if parallelism.kind == "fsdp":
+        options = "full_shard auto_wrap offload" if parallelism.offload else "full_shard auto_wrap"
+        return ["--fsdp", options, "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    file = deepspeed_file or RECIPES_DIR / DEEPSPEED_CONFIGS[parallelism.offload]
+    return ["--deepspeed", str(Path(file).resolve())]
+
+
+def torchrun_command(recipe: Recipe, output_dir: str) -> str:
+    """What to type in recipes/ to run the row the seed's way."""
+    import shlex
+
+    return " ".join(["torchrun", f"--nproc_per_node={recipe.gpus}", "--master_port=22100", "finetune_llama.py",
+                     *map(shlex.quote, seed_argv(recipe, output_dir))])
