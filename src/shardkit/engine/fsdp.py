@@ -8,6 +8,7 @@ which wraps the model in DDP on CPU. Newer-API module: imported only by the nati
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -21,6 +22,9 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from .models import build_model, decoder_layers, enable_checkpointing
 from .optim import adamw, linear_schedule
+
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
 
 def parallelize(model, cfg, offload_to_cpu: bool, device: torch.device):
@@ -47,7 +51,7 @@ def _load_full_weights(folder: str) -> dict:
 
 
 class FsdpStrategy:
-    def __init__(self, run, device: torch.device):
+    def __init__(self, run: ResolvedRun, device: torch.device):
         cfg, plan = run.config, run.plan
         self.cfg = cfg
         offload = plan.parallelism.offload

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from ..errors import UsageError
 from ..results.record import Recorder
 from .measure import StepClock
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
 
 def check_supported(plan) -> None:
@@ -26,7 +30,7 @@ def check_supported(plan) -> None:
                          "instead of sharding; use --engine native (FSDP2 shards on CPU) or --deepspeed")
 
 
-def training_arguments(run, device) -> dict:
+def training_arguments(run: ResolvedRun, device) -> dict:
     """The resolved run in the installed transformers' TrainingArguments vocabulary."""
     from transformers import TrainingArguments
 
@@ -107,7 +111,7 @@ def _measuring_callback(recorder: Recorder, memory, plan, rank: int, logging_ste
     return Measure()
 
 
-def run_trainer(run, rank: int, device, dataset, recorder: Recorder, memory) -> None:
+def run_trainer(run: ResolvedRun, rank: int, device, dataset, recorder: Recorder, memory) -> None:
     """Runs HF Trainer over the run's data set, filling ``recorder`` like the native loop. What each rank
     holds is not read back from HF's wrappers."""
     from transformers import PrinterCallback, Trainer, TrainingArguments

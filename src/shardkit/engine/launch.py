@@ -12,25 +12,30 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..results import document as results
 from ..results.failure import Failure
 from ..results.files import read_json, write_json_atomic
 from .failures import describe_signal_death
 
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
-def config_path(run) -> Path:
+
+def config_path(run: ResolvedRun) -> Path:
     return Path(run.config.output_dir) / results.CONFIG_FILE
 
 
-def write_config(run) -> Path:
-    """The resolved run, where the ranks read it and where it stays beside the results."""
+def write_config(run: ResolvedRun, launched_at: float | None = None) -> Path:
+    """The resolved run, where the ranks read it and where it stays beside the results; ``launched_at``
+    starts the run's wall time for the ranks."""
     path = config_path(run)
-    write_json_atomic(path, {**run.to_dict(), "adaptations": []})
+    write_json_atomic(path, {**run.to_dict(), "adaptations": [], "launched_at": launched_at})
     return path
 
 
-def launch(run) -> int:
+def launch(run: ResolvedRun) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -38,9 +43,8 @@ def launch(run) -> int:
     if run.plan.fake_world:  # this process is the one rank; its wall time is the launcher's
         from .rank import run_rank
 
-        write_config(run)
+        write_config(run, started)
         return run_rank(run, rank=0, local_rank=0, started=started)
-    os.environ["SHARDKIT_LAUNCH_TIME"] = repr(started)
     options = run.launch
     if options.nproc_per_node > 1:
         # What the torchrun command (the seed's launcher) does; without it every rank starts one OpenMP
@@ -55,7 +59,8 @@ def launch(run) -> int:
                           max_restarts=0, monitor_interval=0.1)
     failures: dict = {}
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "shardkit.engine.rank", str(write_config(run)))
+        elastic_launch(config, entrypoint=sys.executable)("-m", "shardkit.engine.rank",
+                                                                  str(write_config(run, started)))
     except ChildFailedError as error:
         failures = {rank: failure.exitcode for rank, failure in error.failures.items()}
     except KeyboardInterrupt:
@@ -66,7 +71,7 @@ def launch(run) -> int:
     return finish(run, started, failures)
 
 
-def finish(run, started: float, failures: dict) -> int:
+def finish(run: ResolvedRun, started: float, failures: dict) -> int:
     """Stamp the launcher's wall time into the ranks' results, or write results for ranks that died
     without writing any (killed by a signal)."""
     path = Path(run.config.output_dir) / results.RESULTS_FILE
@@ -82,7 +87,7 @@ def finish(run, started: float, failures: dict) -> int:
     return document["exit_code"]
 
 
-def write_failure(run, started: float, failure: Failure) -> int:
+def write_failure(run: ResolvedRun, started: float, failure: Failure) -> int:
     """Results for a run whose ranks could not write any (killed, timed out)."""
     document = results.document(status=failure.status, run=run, recorder=None, per_rank=[], environment=None,
                                 data_info=None, failure=failure, launch_time=started, now=time.time())

@@ -4,6 +4,7 @@ checkpoints. Warm-up steps are timed like the rest and left out of the steady st
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -14,6 +15,9 @@ from .data import RankSampler
 from .measure import StepClock
 from .progress import Progress
 from .strategy import Strategy
+
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
@@ -26,7 +30,7 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def run_loop(strategy: Strategy, dataset, run, rank: int, device, recorder: Recorder, memory) -> None:
+def run_loop(strategy: Strategy, dataset, run: ResolvedRun, rank: int, device, recorder: Recorder, memory) -> None:
     """Runs optimizer steps until the plan's total; fills ``recorder`` as it goes."""
     cfg, plan = run.config, run.plan
     sampler = RankSampler(len(dataset), rank, plan.world_size, cfg.seed)

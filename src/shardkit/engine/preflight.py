@@ -3,8 +3,13 @@ before any process starts, as one line."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 
-def check_engine(run) -> None:
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
+
+
+def check_engine(run: ResolvedRun) -> None:
     if run.plan.engine == "hf":
         from .hf_trainer import check_supported
 

@@ -15,6 +15,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,12 @@ from ..results.record import Recorder
 from .failures import classify
 from .measure import MemoryMonitor, matmul_bf16_flops
 
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
+
 
 def launch_time() -> float:
-    """When the run was launched: set by shardkit's launcher, else the start of torchrun (our parent)."""
-    if os.environ.get("SHARDKIT_LAUNCH_TIME"):
-        return float(os.environ["SHARDKIT_LAUNCH_TIME"])
+    """When an outside torchrun (our parent) started; shardkit's own launcher says so in config.json."""
     try:
         import psutil
 
@@ -44,7 +46,7 @@ def launch_time() -> float:
 class RankState:
     """What a rank has so far: enough to write a partial result if the next phase fails."""
 
-    run: object  # spec.resolve.ResolvedRun
+    run: ResolvedRun
     rank: int
     started: float
     recorder: Recorder
@@ -83,7 +85,8 @@ def setup(state: RankState, local_rank: int) -> torch.device:
         for stale in [state.output / results.RESULTS_FILE, *state.output.glob("error-rank*.log")]:
             stale.unlink(missing_ok=True)
         write_json_atomic(state.output / results.CONFIG_FILE,
-                          {**run.to_dict(), "adaptations": state.recorder.cpu_adaptations})
+                          {**run.to_dict(), "adaptations": state.recorder.cpu_adaptations,
+                           "launched_at": state.started})
     dist.barrier()
     if cfg.tf32 and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -169,7 +172,7 @@ def fail(state: RankState, error: BaseException) -> int:
     return EXIT_OOM if failure.status == "oom" else EXIT_ERROR
 
 
-def run_rank(run, rank: int, local_rank: int, started: float) -> int:
+def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float) -> int:
     """Never returns: leaves the process with the run's exit code once the results are written."""
     state = RankState(run, rank, started, Recorder())
     try:
@@ -191,9 +194,11 @@ def run_rank(run, rank: int, local_rank: int, started: float) -> int:
 def main(argv: list[str] | None = None) -> int:
     from ..spec.resolve import ResolvedRun
 
-    config_file = (argv or sys.argv[1:])[0]
-    run = ResolvedRun.from_dict(read_json(config_file))
-    return run_rank(run, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), launch_time())
+    written = read_json((argv or sys.argv[1:])[0])
+    run = ResolvedRun.from_dict(written)
+    # torchrun's protocol: each rank learns its place from these variables, read here once.
+    return run_rank(run, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                    written.get("launched_at") or launch_time())
 
 
 if __name__ == "__main__":

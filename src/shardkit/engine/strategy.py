@@ -6,9 +6,12 @@ other. HF Trainer (``hf_trainer.py``) runs its own loop and fills the same recor
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
 
 class Strategy(Protocol):
@@ -33,7 +36,7 @@ class Strategy(Protocol):
         "gradient_bytes", "master_bytes"?}; the planner's exact checks read it (sharding.json)."""
 
 
-def build_strategy(run, device: torch.device) -> Strategy:
+def build_strategy(run: ResolvedRun, device: torch.device) -> Strategy:
     """The native engine's strategy for the run's parallel method; each module is imported only when used
     (FSDP2 needs a newer torch than the 2023 stack's, DeepSpeed may not be installed)."""
     if run.plan.parallelism.kind == "zero3":

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..spec.resolve import ResolvedRun
 
 
 class ZeroStrategy:
     """deepspeed.initialize over a model whose parameters are partitioned as they are created
     (deepspeed.zero.Init), so no rank ever holds a whole copy."""
 
-    def __init__(self, run, device):
+    def __init__(self, run: ResolvedRun, device):
         import deepspeed
 
         from .models import build_model, enable_checkpointing
