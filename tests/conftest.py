@@ -50,8 +50,17 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Two tiers: the fast default and --full. GPU tests skip wherever there is no CUDA device."""
-    skip_slow = pytest.mark.skip(reason="slow tier: pass --full (nox -s tests -- --full)")
+    """Two tiers: the fast default and --full. Tests marked gpu skip, with the reason, where torch sees no
+    CUDA device (torch is imported only when there are some)."""
+    skip_slow = pytest.mark.skip(reason="slow tier: pass --full (nox -s tests-full)")
     for item in items:
         if "slow" in item.keywords and not config.getoption("--full"):
             item.add_marker(skip_slow)
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

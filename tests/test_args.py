@@ -32,6 +32,12 @@ def test_new_spelling_and_bare_booleans():
     assert launch.nproc_per_node == 2
 
 
+def test_gpu_memory_cap_is_a_size_in_gib():
+    cfg, _ = parse_args(["--max_gpu_memory", "80", "--fsdp", "full_shard auto_wrap"])
+    assert cfg.max_gpu_memory == 80.0
+    assert parse_args([])[0].max_gpu_memory is None
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--no_such_flag", "1"], "unknown flag '--no_such_flag'"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size '0'"),
@@ -42,6 +48,7 @@ def test_new_spelling_and_bare_booleans():
     (["--fsdp", "full_shard", "--deepspeed", "x.json"], "--fsdp and --deepspeed are exclusive"),
     (["--fsdp_transformer_layer_cls_to_wrap", "GPT2Block"], "LlamaDecoderLayer"),
     (["--attn_implementation", "flash"], "--attn_implementation 'flash'"),
+    (["--max_gpu_memory", "0"], "--max_gpu_memory '0'"),
 ])
 def test_bad_flags_are_one_line_errors_naming_the_flag(argv, fragment):
     with pytest.raises(UsageError) as error:

@@ -66,10 +66,21 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _cap_gpu_memory(device: torch.device, limit_gib: float | None) -> int | None:
+    """--max_gpu_memory: the bytes this process's caching allocator may hold, or None (no cap, or no GPU)."""
+    if limit_gib is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, limit_gib * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return int(fraction * total)
+
+
 def setup(state: RankState, local_rank: int) -> torch.device:
     """Device, process group, the configuration file, the environment and the memory monitor."""
     run, cfg, plan = state.run, state.run.config, state.run.plan
     device = _device(local_rank)
+    memory_cap = _cap_gpu_memory(device, cfg.max_gpu_memory)
     if plan.deepspeed_config is not None and device.type == "cpu":
         from ..spec.deepspeed_config import adapt_to_cpu
 
@@ -95,6 +106,7 @@ def setup(state: RankState, local_rank: int) -> torch.device:
 
     state.environment = capture(plan.world_size)
     state.environment["matmul_bf16_flops"] = matmul_bf16_flops()
+    state.environment["gpu_memory_cap_bytes"] = memory_cap
     state.memory = MemoryMonitor(cfg.nvml_sample_interval_s)  # after the matmul probe: its buffers don't count
     return device
 

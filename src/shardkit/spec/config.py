@@ -161,6 +161,11 @@ class TrainConfig(BaseModel):
     nvml_sample_interval_s: float = Field(default=0.2, gt=0)
     """How often the NVML sampler reads the GPU's used memory."""
 
+    max_gpu_memory: float | None = Field(default=None, gt=0)
+    """Cap this process's GPU memory at this many GiB (torch.cuda.set_per_process_memory_fraction), so that a
+    larger card stands for a smaller one: 80 answers for the table's 80 GB cards. The caching allocator then
+    raises an out-of-memory error past the cap; NVML still reports the whole card. Ignored without a GPU."""
+
     dry_run: bool = False
     """Print the resolved configuration and exit without training."""
 
