@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _dispatch(args, extra)
+    except KeyboardInterrupt:
+        # The row that was running recorded itself as interrupted, with its steps; nothing else to say.
+        print("shardkit: interrupted", file=sys.stderr)
+        return 130
     except UsageError as error:
         print(f"shardkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -158,7 +162,10 @@ def _dispatch(args, extra: list[str]) -> int:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
         row = campaign.resolve_row(recipe, folder, extra, args.probe)
-        return campaign.row_runner(args.runner, args.image, args.results)(row, args.timeout)
+        code = campaign.row_runner(args.runner, args.image, args.results)(row, args.timeout)
+        result = folder / "results.json"
+        print(f"results: {result}" if result.is_file() else f"no results in {folder}", file=sys.stderr)
+        return code
     if args.command == "reproduce":
         names = args.recipes or list(reference.load_table())
         runner = campaign.row_runner(args.runner, args.image, args.results)

@@ -38,10 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     if under_torchrun and not run.plan.fake_world:
         from .engine.rank import launch_time, run_rank
 
-        return run_rank(run, rank, int(os.environ.get("LOCAL_RANK", 0)), launch_time())
+        return run_rank(run, rank, int(os.environ.get("LOCAL_RANK", 0)), launch_time(), launched_by_shardkit=False)
     from .engine.launch import launch
 
-    return launch(run)
+    try:
+        return launch(run)
+    except UsageError as error:  # the output folder is another run's
+        print(f"shardkit: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ process does)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING
 from ..results import document as results
 from ..results.failure import Failure
 from ..results.files import read_json, write_json_atomic
-from .failures import describe_signal_death
+from ..results.lock import folder_lock
+from .failures import describe_signal_death, oom_kill_count
 
 if TYPE_CHECKING:
     from ..spec.resolve import ResolvedRun
@@ -35,11 +38,30 @@ def write_config(run: ResolvedRun, launched_at: float | None = None) -> Path:
     return path
 
 
-def launch(run: ResolvedRun) -> int:
+def launch(run: ResolvedRun, lock: bool = True) -> int:
+    """Runs the resolved run to its end and returns its exit code. ``lock``: hold the output folder's lock
+    (a campaign that already holds it for this row passes False)."""
+    if not lock:
+        return _launch(run)
+    with folder_lock(Path(run.config.output_dir), f"shardkit run {run.config.run_name or ''}".rstrip()):
+        return _launch(run)
+
+
+def _launch(run: ResolvedRun) -> int:
+    from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from .deepspeed_ops import prebuild
+    from .rank import clear_stale
+
+    prebuild(run)
     started = time.time()
+    clear_stale(Path(run.config.output_dir))
+    # The agent logs each rank's ending and each signal; the run's result and its one line say it better.
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if run.plan.fake_world:  # this process is the one rank; its wall time is the launcher's
         from .rank import run_rank
 
@@ -57,30 +79,93 @@ def launch(run: ResolvedRun) -> int:
                           nproc_per_node=options.nproc_per_node, run_id=run_id, rdzv_backend="c10d",
                           rdzv_endpoint=options.rdzv_endpoint if options.multi_node else "localhost:0",
                           max_restarts=0, monitor_interval=0.1)
-    failures: dict = {}
+    oom_before = oom_kill_count()
+    ended: list[tuple[int, int]] = []  # (rank, exit code), first failure first
+    interrupted = False
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "shardkit.engine.rank",
-                                                                  str(write_config(run, started)))
+                                                          str(write_config(run, started)))
     except ChildFailedError as error:
-        failures = {rank: failure.exitcode for rank, failure in error.failures.items()}
-    except KeyboardInterrupt:
-        failures = {None: -2}
+        ended = [(rank, failure.exitcode) for rank, failure in
+                 sorted(error.failures.items(), key=lambda item: (item[1].timestamp, item[0]))]
+    except (SignalException, KeyboardInterrupt):
+        # The agent has passed the signal on to the ranks, which record an interrupted run themselves.
+        interrupted = True
     if options.node_rank != 0:
         # Global rank 0, on the first node, writes the results; the other nodes report only their own ranks.
-        return 1 if failures else 0
-    return finish(run, started, failures)
+        return 1 if ended or interrupted else 0
+    return finish(run, started, ended, (oom_before, oom_kill_count()), interrupted)
 
 
-def finish(run: ResolvedRun, started: float, failures: dict) -> int:
-    """Stamp the launcher's wall time into the ranks' results, or write results for ranks that died
-    without writing any (killed by a signal)."""
+def _heartbeats(output: Path) -> dict[int, tuple[int, float]]:
+    from .rank import HEARTBEATS
+
+    found = {}
+    for path in (output / HEARTBEATS).glob("rank*"):
+        try:
+            step, at, _ = path.read_text().split()
+            found[int(path.name.removeprefix("rank"))] = (int(step), float(at))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _laggard(run: ResolvedRun) -> Failure | None:
+    """A rank whose heartbeat fell behind its peers' (stopped, or stuck outside any collective)."""
+    beats = _heartbeats(Path(run.config.output_dir))
+    if not beats:
+        return None
+    last = {rank: beats.get(rank, (0, 0.0)) for rank in range(run.plan.world_size)}
+    behind = min(last, key=lambda rank: last[rank])
+    ahead = max(step for step, _ in last.values())
+    if last[behind][0] >= ahead:
+        return None
+    return Failure(kind="timeout", rank=behind, step=last[behind][0] + 1, evidence="the ranks' heartbeats",
+                   message=f"rank {behind} stalled after step {last[behind][0]} while its peers reached step {ahead} "
+                           "and waited on it past --collective_timeout_s")
+
+
+def root_cause(run: ResolvedRun, ended: list[tuple[int, int]], oom_kills, recorded: dict) -> Failure | None:
+    """What ended the job, when no rank could say it itself. After a collective timed out: the rank whose
+    heartbeat fell behind, else one that did not answer the agent's SIGTERM and had to be killed (a stopped
+    or hung rank; its SIGKILL came after the timeout, so it is no cause of its own). After a peer vanished:
+    the first rank killed by a signal (an OOM only with the kernel's evidence)."""
+    if recorded.get("kind") == "timeout":
+        hung = next((rank for rank, code in ended if code == -signal.SIGKILL), None)
+        return _laggard(run) or (None if hung is None else Failure(
+            kind="timeout", rank=hung, step=recorded.get("step"), evidence="it did not answer SIGTERM",
+            message=f"rank {hung} stalled: its peers waited on it past --collective_timeout_s, and it did not "
+                    "answer SIGTERM"))
+    deaths = (describe_signal_death(code, rank, oom_kills, recorded.get("step")) for rank, code in ended)
+    return next((death for death in deaths if death is not None), None) or _laggard(run)
+
+
+def finish(run: ResolvedRun, started: float, ended: list[tuple[int, int]], oom_kills=(None, None),
+           interrupted: bool = False) -> int:
+    """Stamp the launcher's wall time into the ranks' results; where a rank's failure was only the
+    consequence of another's (a peer gone, a collective timed out, the job ending around it), or where no
+    rank could write (killed), write the cause instead, keeping what the run recorded."""
     path = Path(run.config.output_dir) / results.RESULTS_FILE
-    if not path.is_file():
-        rank, exitcode = next(iter(failures.items()), (None, 1))
-        failure = describe_signal_death(exitcode, rank) or Failure(
-            kind="error", rank=rank, message=f"exited with code {exitcode} without results")
-        return write_failure(run, started, failure)
-    document = read_json(path)
+    document = read_json(path) if path.is_file() else None
+    recorded = (document or {}).get("failure") or {}
+    consequence = recorded.get("caused_by_peer") or (recorded.get("kind") == "interrupted" and not interrupted)
+    if ended and (document is None or consequence):
+        cause = root_cause(run, ended, oom_kills, recorded)
+        if cause is None and document is None:
+            rank, exitcode = ended[0]
+            cause = Failure(kind="error", rank=rank, message=f"exited with code {exitcode} without results")
+        if cause is not None:
+            if recorded.get("message"):
+                cause.message += f"; rank {recorded.get('rank')} then reported: {recorded['message']}"
+            where = f"rank {cause.rank}" + (f", step {cause.step}" if cause.step else "")
+            print(f"shardkit: {cause.status}: {where}: {cause.message}", file=sys.stderr, flush=True)
+            if document is None:
+                return write_failure(run, started, cause)
+            document = results.with_failure(document, cause)
+    if document is None:
+        cause = Failure(kind="interrupted", message="interrupted before any rank wrote results") if interrupted \
+            else Failure(kind="error", message="the ranks ended without writing results")
+        return write_failure(run, started, cause)
     document["time"]["wall_time_s"] = time.time() - started
     document["time"]["wall_time_source"] = "launcher"
     write_json_atomic(path, document)
@@ -97,9 +182,10 @@ def write_failure(run: ResolvedRun, started: float, failure: Failure) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A campaign's row: the campaign holds the folder's lock and wrote the resolved run."""
     from ..spec.resolve import ResolvedRun
 
-    return launch(ResolvedRun.from_dict(read_json((argv or sys.argv[1:])[0])))
+    return launch(ResolvedRun.from_dict(read_json((argv or sys.argv[1:])[0])), lock=False)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Checks of a resolved run that depend on this machine's engine (installed libraries, devices), made
-before any process starts, as one line."""
+"""Checks of a resolved run that depend on this machine and its files (installed libraries, devices, a
+checkpoint to resume), made before any process starts, as one line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,12 @@ if TYPE_CHECKING:
 
 
 def check_engine(run: ResolvedRun) -> None:
+    cfg = run.config
     if run.plan.engine == "hf":
         from .hf_trainer import check_supported
 
         check_supported(run.plan)
+    elif cfg.resume_from_checkpoint:
+        from . import checkpoints
+
+        checkpoints.verify(checkpoints.find(cfg.resume_from_checkpoint, cfg.output_dir))

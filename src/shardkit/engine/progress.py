@@ -1,8 +1,13 @@
-"""Rank 0's progress: a live bar on a terminal, one plain line per --logging_steps otherwise (CI, logs)."""
+"""Rank 0's progress: a live bar on a terminal, one plain line per --logging_steps otherwise (CI, logs). A
+campaign reads the plain lines of the rows it runs (``StepRelay``) and shows them as its own live bar."""
 
 from __future__ import annotations
 
+import re
 import sys
+
+# The plain line's shape: what StepRelay parses.
+STEP_LINE = re.compile(r"^step (\d+)/(\d+)  (.*)$")
 
 
 def _gib(value: int | None) -> str:
@@ -34,4 +39,37 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            self._bar.stop()
+
+
+class StepRelay:
+    """In a campaign, a row's ranks write to a pipe, so they print plain step lines: shown as one live bar
+    when the campaign's own console is a terminal (the lines still go to the row's log), passed through
+    otherwise."""
+
+    def __init__(self, title: str):
+        self._bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(TextColumn(title), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                     TextColumn("{task.fields[status]}"), console=Console(stderr=True))
+            self._task = None
+
+    def consumed(self, line: str) -> bool:
+        """True when the line became the bar (and must not be echoed)."""
+        match = STEP_LINE.match(line.rstrip("\n"))
+        if self._bar is None or match is None:
+            return False
+        step, total, status = int(match.group(1)), int(match.group(2)), match.group(3)
+        if self._task is None:
+            self._bar.start()
+            self._task = self._bar.add_task("", total=total, status=status)
+        self._bar.update(self._task, completed=step, total=total, status=status)
+        return True
+
+    def close(self) -> None:
+        if self._bar is not None and self._task is not None:
             self._bar.stop()

@@ -9,7 +9,9 @@ from the file the launcher wrote, rank and world from torchrun's variables, read
 
 from __future__ import annotations
 
+import datetime
 import os
+import signal
 import sys
 import time
 import traceback
@@ -20,12 +22,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from ..errors import EXIT_ERROR, EXIT_OOM
 from ..results import document as results
 from ..results.failure import Failure
 from ..results.files import read_json, write_json_atomic
 from ..results.record import Recorder
-from .failures import classify
+from .failures import Interrupted, classify
 from .measure import MemoryMonitor, matmul_bf16_flops
 
 if TYPE_CHECKING:
@@ -42,6 +43,51 @@ def launch_time() -> float:
         return time.time() - time.process_time()
 
 
+FAILURE_CLAIM = ".failure-claimed"
+HEARTBEATS = ".heartbeats"
+
+
+def quiet_known_warnings() -> None:
+    """Warnings about other libraries' code, not about the run, each repeated on every step of every rank:
+    DeepSpeed 0.19 calls torch's deprecated collective names; FSDP2 on a CPU mesh warns that DTensor's random
+    ops may be incomplete there, which is what initializing the shards uses, but the tiny loss curves, which
+    start from those weights, are bit-identical from run to run and against the committed reference."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` "
+                            r"is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu",
+                            category=UserWarning)
+
+
+def die_with_launcher(parent: int) -> None:
+    """torchrun starts each rank in a session of its own, so nothing ends a rank whose launcher was killed:
+    ask the kernel for SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), and on SIGTERM leave as an
+    interrupted run with the steps done."""
+    def on_sigterm(signum, frame):
+        raise Interrupted(signum, launcher_gone=os.getppid() != parent)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the launcher's own shutdown still ends its ranks
+        return
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        raise Interrupted(signal.SIGTERM, launcher_gone=True)
+
+
+def heartbeat(output: Path, rank: int, step: int) -> None:
+    """Where each rank last was, for the launcher to name a rank that stalled: one small file per rank,
+    replaced (not fsynced: a lost heartbeat costs nothing)."""
+    folder = output / HEARTBEATS
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".rank{rank}.tmp"
+    tmp.write_text(f"{step} {time.time()!r} {os.getpid()}\n")
+    tmp.replace(folder / f"rank{rank}")
+
+
 @dataclass
 class RankState:
     """What a rank has so far: enough to write a partial result if the next phase fails."""
@@ -50,6 +96,7 @@ class RankState:
     rank: int
     started: float
     recorder: Recorder
+    launched_by_shardkit: bool = True
     environment: dict | None = None
     data_info: dict | None = None
     memory: MemoryMonitor | None = None
@@ -91,10 +138,11 @@ def setup(state: RankState, local_rank: int) -> torch.device:
 
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=plan.world_size)
     else:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if state.rank == 0:  # a previous run's outcome in this folder must not pass for this one's
-        for stale in [state.output / results.RESULTS_FILE, *state.output.glob("error-rank*.log")]:
-            stale.unlink(missing_ok=True)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=cfg.collective_timeout_s))
+    if state.rank == 0:
+        if not state.launched_by_shardkit:
+            clear_stale(state.output)  # under an outside torchrun no launcher has done it
         write_json_atomic(state.output / results.CONFIG_FILE,
                           {**run.to_dict(), "adaptations": state.recorder.cpu_adaptations,
                            "launched_at": state.started})
@@ -163,14 +211,34 @@ def gather(state: RankState, holdings: dict | None) -> None:
     write_json_atomic(state.output / results.RESULTS_FILE, document)
 
 
+def clear_stale(output: Path) -> None:
+    """A previous run's outcome in this folder must not pass for this one's."""
+    for stale in [output / results.RESULTS_FILE, output / FAILURE_CLAIM, *output.glob("error-rank*.log"),
+                  *(output / HEARTBEATS).glob("rank*")]:
+        stale.unlink(missing_ok=True)
+
+
+def _claim_first_failure(output: Path) -> bool:
+    """Only the first rank to fail writes the run's result: a later rank's failure is most often a
+    consequence (the job ending around it) and must not overwrite the cause."""
+    try:
+        os.close(os.open(output / FAILURE_CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
 def fail(state: RankState, error: BaseException) -> int:
     """This rank's failure as the run's result, with its peaks up to the failure (a CUDA OOM's reserved
-    memory is the interesting figure); returns the exit code."""
+    memory is the interesting figure), unless another rank failed first; returns the exit code."""
     failure: Failure = classify(error, state.rank, state.recorder.current_step)
     log = state.output / f"error-rank{state.rank}.log"
     state.output.mkdir(parents=True, exist_ok=True)
     log.write_text("".join(traceback.format_exception(error)))
     failure.traceback_file = str(log)
+    code = results.STATUS_EXIT_CODES[failure.status]
+    if not _claim_first_failure(state.output):
+        return code
     mine = {"rank": state.rank, "memory": state.memory.close() if state.memory is not None else None,
             "holdings": None}
     document = results.document(status=failure.status, run=state.run, recorder=state.recorder, per_rank=[mine],
@@ -181,13 +249,18 @@ def fail(state: RankState, error: BaseException) -> int:
     asked = f", {failure.bytes_requested:,} bytes requested" if failure.bytes_requested else ""
     print(f"shardkit: {failure.status}: {where}{asked}: {failure.message} (traceback: {log})", file=sys.stderr,
           flush=True)
-    return EXIT_OOM if failure.status == "oom" else EXIT_ERROR
+    return code
 
 
-def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float) -> int:
+def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float, launched_by_shardkit: bool = True,
+             parent: int | None = None) -> int:
     """Never returns: leaves the process with the run's exit code once the results are written."""
-    state = RankState(run, rank, started, Recorder())
+    quiet_known_warnings()
+    state = RankState(run, rank, started, Recorder(), launched_by_shardkit)
+    state.recorder.on_step = lambda step: heartbeat(state.output, rank, step)
     try:
+        if parent is not None:
+            die_with_launcher(parent)
         device = setup(state, local_rank)
         gather(state, train(state, device))
         dist.barrier()
@@ -206,11 +279,12 @@ def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float) -> in
 def main(argv: list[str] | None = None) -> int:
     from ..spec.resolve import ResolvedRun
 
+    parent = os.getppid()  # before anything slow: the launcher may die while this rank starts
     written = read_json((argv or sys.argv[1:])[0])
     run = ResolvedRun.from_dict(written)
     # torchrun's protocol: each rank learns its place from these variables, read here once.
     return run_rank(run, int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
-                    written.get("launched_at") or launch_time())
+                    written.get("launched_at") or launch_time(), parent=parent)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..results.document import RESULTS_FILE
 from ..results.failure import Failure
 from ..results.files import read_json
+from ..results.lock import folder_lock
 from ..spec import recipes
 from ..spec.presets import preset_name
 from ..spec.resolve import ResolvedRun
@@ -56,8 +57,12 @@ def needs_gpus(recipe: recipes.Recipe) -> bool:
     return preset_name(recipe.model) != "tiny"
 
 
+def campaign_dir(root: Path, probe: int | None) -> Path:
+    return root / (f"probe{probe}" if probe else "full")
+
+
 def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None) -> Path:
-    return root / (f"probe{probe}" if probe else "full") / recipe.name
+    return campaign_dir(root, probe) / recipe.name
 
 
 def nodes_from_env() -> tuple[int, int, str | None]:
@@ -111,38 +116,60 @@ def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], prob
     return Row(recipe, folder, tuple(overrides), probe, run)
 
 
-def _tee(stream, log, echo: bool) -> None:
+def _tee(stream, log, echo: bool, title: str = "train") -> None:
+    """Copies the row's output to its log (and the console, step lines as a live bar on a terminal) until
+    the row ends. It must keep reading whatever happens: a reader that stops leaves the pipe full and the
+    ranks blocked on their next print."""
+    from ..engine.progress import StepRelay
+
+    relay = StepRelay(title) if echo else None
+    try:
+        _copy(stream, log, relay)
+    finally:
+        if relay is not None:
+            relay.close()
+
+
+def _copy(stream, log, relay) -> None:
     for line in iter(stream.readline, ""):
-        log.write(line)
-        log.flush()
-        if echo:  # stderr: stdout is kept for the verdicts (--json)
+        if log is not None:
+            try:
+                log.write(line)
+                log.flush()
+            except OSError as error:  # a full disk: the log is lost from here on, the run is not
+                sys.stderr.write(f"shardkit: {log.name}: {error.strerror}; no longer logging this row\n")
+                log = None
+        if relay is not None and not relay.consumed(line):  # stderr: stdout is kept for the verdicts (--json)
             sys.stderr.write(line)
             sys.stderr.flush()
 
 
 def run_row(row: Row, timeout_s: float | None, echo: bool = True) -> int:
-    """One row in its own process group, launched from its resolved run; a row that outlives its limit is
-    killed and recorded as an error."""
+    """One row in its own process group, launched from its resolved run while this process holds the row
+    folder's lock; a row that outlives its limit is stopped (its ranks record the steps done) and recorded
+    as a timeout."""
     from ..engine.launch import write_config
 
-    row.folder.mkdir(parents=True, exist_ok=True)
-    config = write_config(row.run)
-    started = time.time()
-    with open(row.folder / "train.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "shardkit.engine.launch", str(config)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        reader = threading.Thread(target=_tee, args=(process.stdout, log, echo), daemon=True)
-        reader.start()
-        try:
-            code = process.wait(timeout=timeout_s)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
-            _kill_group(process)
-            if isinstance(stop, KeyboardInterrupt):
-                raise
-            code = record_failure(row, Failure(kind="error", message=f"timed out after {timeout_s:g} s (row time limit)"),
-                                  started)
-        finally:
-            reader.join(timeout=10)
+    with folder_lock(row.folder, f"shardkit row {row.recipe.name}"):
+        config = write_config(row.run)
+        started = time.time()
+        with open(row.folder / "train.log", "w") as log:
+            process = subprocess.Popen([sys.executable, "-m", "shardkit.engine.launch", str(config)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       start_new_session=True)
+            reader = threading.Thread(target=_tee, args=(process.stdout, log, echo, row.recipe.name), daemon=True)
+            reader.start()
+            try:
+                code = process.wait(timeout=timeout_s)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
+                _kill_group(process)
+                if isinstance(stop, KeyboardInterrupt):
+                    raise
+                failure = Failure(kind="timeout", message=f"timed out after {timeout_s:g} s (row time limit)")
+                code = record_failure(row, failure, started)
+                print(f"shardkit: timeout: {row.recipe.name}: {failure.message}", file=sys.stderr, flush=True)
+            finally:
+                reader.join(timeout=10)
     return code
 
 
@@ -159,9 +186,19 @@ def _kill_group(process: subprocess.Popen) -> None:
 
 
 def record_failure(row: Row, failure: Failure, started: float | None = None) -> int:
-    """Results for a row whose ranks wrote none (timed out, killed), in the row's output folder."""
+    """The row's result when something outside its ranks ended it (a time limit, a container's end): the
+    ranks' own results relabelled, with the steps they recorded, or a new one when they wrote none."""
     from ..engine.launch import write_failure
+    from ..results.document import with_failure
+    from ..results.files import write_json_atomic
 
+    path = row.folder / RESULTS_FILE
+    if path.is_file():
+        recorded = read_json(path)
+        failure.step = failure.step or (recorded.get("failure") or {}).get("step")
+        document = with_failure(recorded, failure)
+        write_json_atomic(path, document)
+        return document["exit_code"]
     return write_failure(row.run, started or time.time(), failure)
 
 
@@ -174,8 +211,13 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
               overrides: list[str], runner=None, run_predicted_oom: bool = False,
               ) -> tuple[dict[str, Path], dict[str, str]]:
     """Runs each row that can run here, with ``runner`` (default: a local process; ``row_runner`` gives the
-    container one); returns {name: output folder} and {name: why not run}."""
-    runner = runner or run_row
+    container one), holding the campaign folder's lock; returns {name: output folder} and {name: why not
+    run}."""
+    with folder_lock(campaign_dir(root, probe), "shardkit reproduce"):
+        return _reproduce(names, root, probe, force, timeout_s, overrides, runner or run_row, run_predicted_oom)
+
+
+def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_predicted_oom):
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -2,7 +2,8 @@
 recorded, partial runs included.
 
 The schema is documented in docs/results.md; bump SCHEMA_VERSION with any change to it. Version 2 names
-the method as the recipes do (``zero3_offload``, not ``deepspeed``) and adds ``run.offload``."""
+the method as the recipes do (``zero3_offload``, not ``deepspeed``), adds ``run.offload`` and the statuses
+``timeout``, ``interrupted`` and ``killed``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ READABLE_SCHEMA_VERSIONS = (1, 2)
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 SHARDING_FILE = "sharding.json"
-STATUS_EXIT_CODES = {"ok": 0, "error": 1, "oom": 3}
+# 124, 130 and 137 are what `timeout`, a Ctrl-C and SIGKILL give a shell command: a script can tell them apart.
+STATUS_EXIT_CODES = {"ok": 0, "error": 1, "oom": 3, "timeout": 124, "interrupted": 130, "killed": 137}
 
 
 def _max_over_ranks(per_rank: list[dict], key: str):
@@ -88,3 +90,9 @@ def document(*, status: str, run, recorder: Recorder | None, per_rank: list[dict
         "data": data_info,
         "environment": environment,
     }
+
+
+def with_failure(document: dict, failure: Failure) -> dict:
+    """The same run, ended by ``failure`` instead: what it recorded (steps, losses, peaks) is kept."""
+    return {**document, "status": failure.status, "exit_code": STATUS_EXIT_CODES[failure.status],
+            "failure": failure.to_dict()}

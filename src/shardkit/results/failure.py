@@ -6,13 +6,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-Kind = Literal["oom", "error"]
+Kind = Literal["oom", "error", "timeout", "interrupted", "killed"]
 
 
 @dataclass
 class Failure:
     kind: Kind
-    """oom (GPU or host allocator, the kernel's OOM killer) or error."""
+    """oom: a GPU or host allocator refused, or the kernel's OOM killer struck (with its evidence); timeout: a
+    time limit (a row's, or a collective waiting on a stalled peer) ended the run; interrupted: SIGINT or
+    SIGTERM, or the launcher died; killed: SIGKILL with no evidence of the OOM killer; error: anything else."""
     message: str
     """One line: what happened."""
     rank: int | None = None
@@ -25,10 +27,16 @@ class Failure:
     """The allocation that failed, when the allocator said."""
     traceback_file: str | None = None
     container_exit_code: int | None = None
+    evidence: str | None = None
+    """What the kind rests on beyond the exit code (the cgroup's OOM-kill count, a missing heartbeat)."""
+    caused_by_peer: bool = False
+    """This rank failed because another one did (a closed connection, a collective that timed out): a
+    consequence, never the cause to report when the peer's own ending is known."""
 
     @property
     def status(self) -> str:
-        return "oom" if self.kind == "oom" else "error"
+        """The results' status: the same word as the kind."""
+        return self.kind
 
     def to_dict(self) -> dict:
         return asdict(self)

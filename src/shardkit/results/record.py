@@ -4,6 +4,7 @@ callback), so a failure mid-run still leaves the steps done so far in the result
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -23,6 +24,8 @@ class Recorder:
     training_started_at: float | None = None
     cpu_adaptations: list[str] = field(default_factory=list)
     """Changes made to run on a machine without an accelerator (DeepSpeed's pinned buffers)."""
+    on_step: Callable[[int], None] | None = field(default=None, repr=False)
+    """Called with each finished step's number (the rank's heartbeat)."""
 
     def begin(self, finished_steps: int) -> None:
         """Training starts after ``finished_steps`` (0, or the step of the checkpoint resumed from)."""
@@ -34,6 +37,8 @@ class Recorder:
     def logged(self, loss: float, lr: float) -> None:
         self.loss.append(loss)
         self.lr.append(lr)
+        if self.on_step is not None:
+            self.on_step(self.first_step + len(self.loss) - 1)
 
     def end(self) -> None:
         self.current_step = None

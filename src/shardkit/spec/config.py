@@ -158,6 +158,11 @@ class TrainConfig(BaseModel):
     warmup_steps_excluded: int = Field(default=2, ge=0)
     """Optimizer steps at the start left out of the steady-state step time (allocator and kernel warm-up)."""
 
+    collective_timeout_s: float = Field(default=600, gt=0)
+    """How long a rank waits in a collective for its peers before the run ends as a timeout: a stalled or
+    vanished peer is reported within this limit, not after the process group's 30-minute default. It must
+    exceed the longest legitimate wait between two collectives (loading, a checkpoint save)."""
+
     nvml_sample_interval_s: float = Field(default=0.2, gt=0)
     """How often the NVML sampler reads the GPU's used memory."""
 

@@ -132,8 +132,9 @@ def _judge_table_row(ref: ReferenceRow, result: dict | None, tol: Tolerances, no
     gpu = (result.get("environment") or {}).get("gpu") or {}
     measured = {"status": result["status"], "gpu": gpu.get("name"), "gpus": result["run"]["world_size"],
                 "versions": (result.get("environment") or {}).get("versions")}
-    if result["status"] == "error":
-        return Verdict(ref.recipe, "error", result["failure"]["message"], reference, measured)
+    if result["status"] not in ("ok", "oom"):  # error, timeout, interrupted, killed: no figure to judge
+        return Verdict(ref.recipe, "error", f"{result['status']}: {result['failure']['message']}", reference,
+                       measured)
     if result["status"] == "oom":
         failure = result["failure"]
         where = f"rank {failure['rank']}, step {failure['step']}"
@@ -187,7 +188,7 @@ def judge_tiny_row(name: str, expected: dict, result: dict | None, tol: Toleranc
                 "gpu": ((environment.get("gpu") or {}).get("name")) or environment.get("device"),
                 "versions": environment.get("versions")}
     if result["status"] != "ok":
-        return Verdict(name, "error", result["failure"]["message"], reference, measured)
+        return Verdict(name, "error", f"{result['status']}: {result['failure']['message']}", reference, measured)
     if len(result["loss"]) != len(expected["loss"]):
         return Verdict(name, "mismatch", f"{len(result['loss'])} steps, reference {len(expected['loss'])}",
                        reference, measured)
