@@ -60,12 +60,29 @@ def quiet_known_warnings() -> None:
                             category=UserWarning)
 
 
+def _gone(parent: int, wait_s: float = 0.5) -> bool:
+    """Whether the launcher has died: this rank was re-parented, or the launcher is a zombie or gone. The
+    death signal can arrive a moment before either shows, so look again for a short while."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            with open(f"/proc/{parent}/stat") as stat:
+                dead = stat.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+        except OSError:
+            dead = True
+        if dead or os.getppid() != parent:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def die_with_launcher(parent: int) -> None:
     """torchrun starts each rank in a session of its own, so nothing ends a rank whose launcher was killed:
     ask the kernel for SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), and on SIGTERM leave as an
     interrupted run with the steps done."""
     def on_sigterm(signum, frame):
-        raise Interrupted(signum, launcher_gone=os.getppid() != parent)
+        raise Interrupted(signum, launcher_gone=_gone(parent))
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
@@ -82,10 +99,13 @@ def heartbeat(output: Path, rank: int, step: int) -> None:
     """Where each rank last was, for the launcher to name a rank that stalled: one small file per rank,
     replaced (not fsynced: a lost heartbeat costs nothing)."""
     folder = output / HEARTBEATS
-    folder.mkdir(exist_ok=True)
     tmp = folder / f".rank{rank}.tmp"
-    tmp.write_text(f"{step} {time.time()!r} {os.getpid()}\n")
-    tmp.replace(folder / f"rank{rank}")
+    try:
+        folder.mkdir(exist_ok=True)
+        tmp.write_text(f"{step} {time.time()!r} {os.getpid()}\n")
+        tmp.replace(folder / f"rank{rank}")
+    except OSError:  # a full disk must not end a run that is otherwise fine
+        pass
 
 
 @dataclass
