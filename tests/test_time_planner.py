@@ -108,3 +108,12 @@ def test_calibration_figures(tmp_path):
     rows = planner.calibration()
     planner.time_calibration_figure(rows, tmp_path / "time.png")
     assert (tmp_path / "time.png").stat().st_size > 10_000
+
+
+def test_readme_shows_the_commands_real_output(capsys):
+    command = ["plan", "--model", "llama-65b", "--gpus", "8", "--gpu-mem", "80GB", "--host-mem", "1TB",
+               "--global-batch", "64"]
+    readme = (ROOT / "README.md").read_text()
+    assert f"$ shardkit {' '.join(command)}" in readme
+    assert cli.main(command) == 0
+    assert capsys.readouterr().out.strip() in readme, "paste the command's output into README.md again"
