@@ -541,11 +541,12 @@ def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
              str(seq)] + (["--num_hidden_layers", str(layers)] if layers else [])
     stage["shape"] = {"model": model, "layers": layers, "micro_batch": batch, "seq_len": seq, "steps": steps,
                       "ranks": 1}
-    runs, predicted = [], {}
+    runs, predicted, workloads = [], {}, {}
     for method, flags in ENGINE_METHODS.items():
         w = planner.workload(model, Parallelism(method, offload=False), 1, batch, True, 1, "eager", seq)
         if layers:
             w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=layers))
+        workloads[method] = w
         predicted[method] = planner.predict(w, "today", CARD).live
         for engine in ("native", "hf"):
             folder = ctx.work / "runs" / "engines" / f"{method}.{engine}"
@@ -557,7 +558,9 @@ def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
                                                    "--run_name", f"{method}.{engine}"], folder))
     stage["notes"].append("Steady state: the median step after 2 warm-up steps. MFU against the card's datasheet "
                           "dense bf16 peak; 'of matmul' against the bf16 matmul rate each run measured at start. "
-                          "Planner: today's stack (the native engine), live bytes.")
+                          "Planner: today's stack (the native engine), live bytes; its step time on the card the run "
+                          "reports, at the matmul rate the run measured (docs/planner.md), and the measured "
+                          "s/step's error against it.")
     for run in runs:
         (outcome,) = run_all(ctx, stage, [run], deadline)
         method, engine = run.name.split(".")
@@ -567,11 +570,14 @@ def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
         per_gpu = throughput.get("tokens_per_s_per_gpu")
         model_flops = throughput["model_flops_per_token"] * per_gpu if per_gpu else None
         matmul = (doc.get("environment") or {}).get("matmul_bf16_flops")
+        predicted_step = _predicted_step(workloads[method], doc)
         row = {"name": run.name, "method": method, "engine": engine, **_brief(outcome),
                "s_per_step": steady.get("median_s"), "tokens_per_s": throughput.get("tokens_per_s"),
                "model_flops_per_s": model_flops, "mfu": throughput.get("mfu"), "hfu": throughput.get("hfu"),
                "of_matmul": model_flops / matmul if model_flops and matmul else None,
-               "predicted_live": predicted[method], **memory_columns(doc)}
+               "predicted_live": predicted[method], "predicted_s_per_step": predicted_step,
+               "step_error": steady["median_s"] / predicted_step - 1 if predicted_step and steady.get("median_s")
+               else None, **memory_columns(doc)}
         # On CPU HF Trainer would run DDP under --fsdp; the kit refuses (exit 2) before any process starts.
         refusal = ctx.rehearsal and method == "fsdp" and engine == "hf"
         if refusal:
@@ -591,6 +597,13 @@ def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
             stage["ratios"].append({"method": method, "tokens_per_s": native["tokens_per_s"] / hf["tokens_per_s"],
                                     **{key: native[key] / hf[key] if native[key] and hf[key] else None
                                        for key in ("allocated", "reserved", "nvml")}})
+
+
+def _predicted_step(w, doc: dict) -> float | None:
+    """The planner's step time for this run's card at the matmul rate the run measured; None off a known GPU."""
+    environment = doc.get("environment") or {}
+    hardware = planner.hardware_for((environment.get("gpu") or {}).get("name"), environment.get("matmul_bf16_flops"))
+    return planner.predict(w, "today", CARD, hardware=hardware).time.step_seconds if hardware else None
 
 
 @dataclass(frozen=True)
@@ -774,12 +787,13 @@ def _render_engines(stage: dict) -> list[str]:
     out = [f"Model {shape.get('model')} ({shape.get('layers') or 'all'} layers), micro-batch {shape.get('micro_batch')}, "
            f"sequence {shape.get('seq_len')}, bf16, tf32, checkpointing, {shape.get('steps')} steps, "
            f"{shape.get('ranks')} rank.", ""]
-    rows = [[r["name"], r["status"], _num(r["s_per_step"], ".3f"), _num(r["tokens_per_s"]),
+    rows = [[r["name"], r["status"], _num(r["s_per_step"], ".3f"), _num(r.get("predicted_s_per_step"), ".3f"),
+             _pct(r.get("step_error"), True), _num(r["tokens_per_s"]),
              _num(r["model_flops_per_s"] and r["model_flops_per_s"] / 1e12, ".0f"), _pct(r["mfu"]), _pct(r["hfu"]),
              _pct(r["of_matmul"]), _gib(r["predicted_live"]), _gib(r["allocated"]), _gib(r["reserved"]),
              _gib(r["nvml"]), _failed(r)] for r in stage["rows"]]
-    out += _table(["run", "status", "s/step", "tokens/s", "model TFLOP/s", "MFU", "HFU", "of matmul",
-                   "planner live GiB", "allocated GiB", "reserved GiB", "NVML GiB", "checks"], rows)
+    out += _table(["run", "status", "s/step", "planner s/step", "error", "tokens/s", "model TFLOP/s", "MFU", "HFU",
+                   "of matmul", "planner live GiB", "allocated GiB", "reserved GiB", "NVML GiB", "checks"], rows)
     if stage["ratios"]:
         out += ["", "Native over HF Trainer, same method:", ""]
         out += _table(["method", "tokens/s", "allocated", "reserved", "NVML"],

@@ -9,7 +9,10 @@ import sys
 import pytest
 
 from conftest import ROOT, cpu_env
+from shardkit import planner
 from shardkit.errors import UsageError
+from shardkit.planner.time_model import clock
+from shardkit.spec import recipes
 from shardkit.spec.reference import BYTES_PER_TABLE_GB, load_table, load_tiny
 from shardkit.verdict import diff, report
 
@@ -101,7 +104,21 @@ def test_error_and_not_run(real_result):
     assert failed.verdict == "error" and "error for the test" in failed.reason
     missing = diff.compare([ROW], {}, load_table(), load_tiny(), diff.Tolerances(),
                            {ROW: "needs 8 GPUs, 0 visible"})[0]
-    assert (missing.verdict, missing.reason) == ("not-run", "needs 8 GPUs, 0 visible")
+    assert missing.verdict == "not-run" and missing.reason.startswith("needs 8 GPUs, 0 visible; time not measured")
+
+
+def test_rows_without_a_measured_time_show_the_planners_and_say_so(real_result):
+    _, result = real_result
+    missing = diff.compare([ROW], {}, load_table(), load_tiny(), diff.Tolerances(), {ROW: "not run"})[0]
+    planned = planner.predict_recipe(recipes.load_recipe(ROW), "today").time.run_seconds
+    assert missing.predicted["time_s"] == pytest.approx(planned) and missing.measured["time_basis"] == "predicted"
+    assert f"the planner predicts {clock(planned)} on A100 SXM 80GB (today stack; table 0:38:00" in missing.reason
+    assert report.rows([missing])[0]["predicted_time_s"] == f"{planned:.0f}"
+    measured = judge(as_table_row(result, ROW, memory_gb=56, hours=38 / 60 / H100_OVER_A100))
+    assert "time" in measured.measured["ratios"] and "time not measured" not in measured.reason
+    fake = as_table_row(result, ROW, memory_gb=56, hours=100)
+    fake["run"]["fake_world"] = 8
+    assert "time not measured: the planner predicts" in judge(fake).reason
 
 
 def test_unknown_gpu_uses_its_measured_rate_and_no_gpu_is_not_normalized(real_result):

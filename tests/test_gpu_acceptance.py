@@ -75,6 +75,27 @@ def test_each_stage_is_recorded_as_it_ended_and_the_report_is_written_after_each
         assert "runs/sleeper/sleeper.log" in tar.getnames()
 
 
+def test_the_engines_stage_sets_the_planners_step_time_beside_the_measured_one():
+    import dataclasses
+
+    from shardkit import planner
+    from shardkit.spec.parallelism import Parallelism
+
+    w = planner.workload("llama-7b", Parallelism("fsdp", False), 1, 4, True, 1, "eager", 2048)
+    w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=8))
+    on_h100 = {"environment": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "matmul_bf16_flops": 7.0e14}}
+    expected = planner.predict(w, "today", hardware=planner.Hardware(planner.CARDS["h100"],
+                                                                     measured_matmul_flops=7.0e14))
+    assert acceptance._predicted_step(w, on_h100) == pytest.approx(expected.time.step_seconds)
+    assert acceptance._predicted_step(w, {"environment": {"gpu": None}}) is None  # CPU: no card, no prediction
+    stage = {"shape": {}, "ratios": [], "rows": [{
+        "name": "fsdp.native", "status": "ok", "s_per_step": 0.3, "predicted_s_per_step": 0.25, "step_error": 0.2,
+        "tokens_per_s": 1.0, "model_flops_per_s": None, "mfu": None, "hfu": None, "of_matmul": None,
+        "predicted_live": None, "allocated": None, "reserved": None, "nvml": None, "checks": {}}]}
+    table = "\n".join(acceptance._render_engines(stage))
+    assert "| planner s/step | error |" in table and "| 0.300 | 0.250 | +20.0% |" in table
+
+
 @pytest.mark.slow
 def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_path):
     out = tmp_path / "out"
@@ -130,6 +151,7 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     for name in ("fsdp.native", "zero3.native", "zero3.hf"):
         assert engines[name]["status"] == "ok" and engines[name]["tokens_per_s"] > 0
     assert [r["method"] for r in stages["engines"]["ratios"]] == ["zero3"]
+    assert all(r["predicted_s_per_step"] is None for r in engines.values())  # no card on CPU: not predicted
 
     markdown = (out / "report.md").read_text()
     for s in stages.values():

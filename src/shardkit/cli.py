@@ -72,10 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plan_parser(sub) -> None:
-    plan = sub.add_parser("plan", help="predict peak memory per GPU for recipes, or list what fits for a model "
-                                       "(docs/planner.md)")
+    plan = sub.add_parser("plan", help="predict peak memory per GPU and run time for recipes, or rank what fits "
+                                       "for a model by time (docs/planner.md)")
     plan.add_argument("recipes", nargs="*", help="recipe names (shardkit recipes lists them)")
-    plan.add_argument("--model", help="list the configurations of this model that fit, e.g. llama-30b")
+    plan.add_argument("--model", help="rank the configurations of this model that fit by predicted time, e.g. llama-30b")
     plan.add_argument("--gpus", type=int, default=None, help="GPUs (default: the recipe's; needed with --model)")
     plan.add_argument("--gpu-mem", default="80GiB",
                       help="memory per GPU (default %(default)s; GB means GiB, as on an '80GB' card)")
@@ -84,9 +84,14 @@ def _plan_parser(sub) -> None:
                       help="today: shardkit's engine (FSDP2); 2023: the table's HF Trainer + torch 2.0 FSDP stack")
     plan.add_argument("--global-batch", type=int, default=None,
                       help="with --model: sequences per optimizer step, split into micro-batch x accumulation")
+    plan.add_argument("--gpu", choices=["a100", "h100", "h200"], default="a100",
+                      help="the card time is predicted for (default %(default)s, the table's; docs/planner.md)")
+    plan.add_argument("--link", choices=["nvlink", "pcie"], default="nvlink",
+                      help="what the GPUs' collectives run over (default %(default)s)")
     plan.add_argument("--calibration", action="store_true",
-                      help="every table row: the 2023 prediction against the table, with residuals")
-    plan.add_argument("--figure", default=None, help="with --calibration: also write this PNG")
+                      help="every table row: the 2023 prediction against the table's memory and time, with residuals")
+    plan.add_argument("--figure", default=None, help="with --calibration: also write the memory figure (PNG)")
+    plan.add_argument("--time-figure", default=None, help="with --calibration: also write the time figure (PNG)")
     plan.add_argument("--json", action="store_true", help="one JSON object per prediction (docs/planner.md)")
 
 
@@ -215,28 +220,36 @@ def _plan(args) -> int:
 
     gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem")
     host_memory = planner.parse_size(args.host_mem, "--host-mem") if args.host_mem else None
+    hardware = planner.Hardware(planner.CARDS[args.gpu], link=args.link)
     if args.calibration:
         rows = planner.calibration()
         if args.figure:
             planner.calibration_figure(rows, args.figure)
-        print(json.dumps(rows, indent=1) if args.json else planner.calibration_markdown(rows))
+        if args.time_figure:
+            planner.time_calibration_figure(rows, args.time_figure)
+        print(json.dumps(rows, indent=1) if args.json else
+              planner.calibration_markdown(rows) + "\n\n" + planner.time_calibration_markdown(rows))
         return 0
     if args.model:
         if args.recipes:
             raise UsageError("give recipes or --model, not both")
         if args.gpus is None:
             raise UsageError("--model needs --gpus")
-        found = planner.search(args.model, args.gpus, gpu_memory, args.stack, args.global_batch, host_memory)
+        found = planner.search(args.model, args.gpus, gpu_memory, args.stack, args.global_batch, host_memory,
+                               hardware)
         if args.json:
-            for p in found:
-                if p.verdict != "oom":
-                    print(json.dumps(p.to_dict()))
+            fitting, faster = planner.ranked(found)
+            for rank, p in enumerate(fitting, start=1):
+                print(json.dumps({"rank": rank, **p.to_dict()}))
+            for p in faster:
+                print(json.dumps({"rejected": p.rejected, **p.to_dict()}))
         else:
             print(planner.render_search(found, args.model, args.gpus, gpu_memory, args.stack))
         return 0
     if not args.recipes:
         raise UsageError("name recipes to plan, or --model MODEL --gpus N")
     for name in args.recipes:
-        p = planner.predict_recipe(recipes.load_recipe(name), args.stack, gpu_memory, host_memory, args.gpus)
+        p = planner.predict_recipe(recipes.load_recipe(name), args.stack, gpu_memory, host_memory, args.gpus,
+                                   hardware)
         print(json.dumps(p.to_dict()) if args.json else planner.render(p) + "\n")
     return 0

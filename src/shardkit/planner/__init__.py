@@ -1,10 +1,19 @@
-"""The memory planner: peak memory per GPU, term by term, before a run starts (docs/planner.md).
+"""The planner: peak memory per GPU and time per step and per run, term by term, before a run starts
+(docs/planner.md).
 
-``memory_model`` holds the terms and their sources; ``predict`` turns a recipe or configuration into a
-prediction and a verdict; ``search`` lists what fits; ``calibration`` holds it against the table;
-``render`` prints it for a person."""
+``memory_model`` and ``time_model`` hold the terms and their sources, ``hardware`` the cards and the host
+the time is predicted for; ``predict`` turns a recipe or configuration into a prediction and a verdict;
+``search`` ranks what fits by time; ``calibration`` holds both against the table; ``render`` prints them
+for a person."""
 
-from .calibration import calibration, calibration_figure, calibration_markdown
+from .calibration import (
+    calibration,
+    calibration_figure,
+    calibration_markdown,
+    time_calibration_figure,
+    time_calibration_markdown,
+)
+from .hardware import CARDS, LINKS, REFERENCE, Hardware, hardware_for
 from .predict import (
     DEFAULT_GPU_MEMORY,
     GIB,
@@ -16,9 +25,10 @@ from .predict import (
     shape_of,
     workload,
 )
-from .render import render, render_search
-from .search import search
+from .render import render, render_search, time_summary
+from .search import ranked, search
 
-__all__ = ["DEFAULT_GPU_MEMORY", "GIB", "Prediction", "calibration", "calibration_figure", "calibration_markdown",
-           "parse_size", "predict", "predict_recipe", "recipe_workload", "render", "render_search", "search",
-           "shape_of", "workload"]
+__all__ = ["CARDS", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
+           "calibration_figure", "calibration_markdown", "hardware_for", "parse_size", "predict", "predict_recipe",
+           "ranked", "recipe_workload", "render", "render_search", "search", "shape_of", "time_calibration_figure",
+           "time_calibration_markdown", "time_summary", "workload"]

@@ -78,6 +78,12 @@ class Shape:
         return [layer] * self.layers + [[(self.vocab, h), (h,), (self.vocab, h)]]
 
     @property
+    def matmul_params(self) -> int:
+        """Parameters that multiply activations in a matmul: every layer's projections and the LM head (the
+        input embedding is a lookup). The N of PaLM's 6N + 12LHS (results/metrics.py)."""
+        return self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate) + self.vocab * self.hidden
+
+    @property
     def largest_module_params(self) -> int:
         """The biggest single module's parameters: what ZeRO-3 gathers at once at least."""
         return max(self.embedding_params, self.hidden * self.intermediate, self.hidden**2)
@@ -101,6 +107,11 @@ class Workload:
     prefetch_bucket_size: int | None = None
     max_live_parameters: int = 10**9
     sub_group_size: int = 10**9
+    # The run's length, for the time model; defaults are the seed's: 6000 examples, 3 epochs, a checkpoint
+    # every 100 optimizer steps (None: no checkpoints).
+    examples: int = 6000
+    epochs: float = 3
+    save_every: int | None = 100
 
     @property
     def tokens(self) -> int:

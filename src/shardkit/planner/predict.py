@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from itertools import product
 
 from ..errors import UsageError
 from ..spec.parallelism import Parallelism
 from ..spec.presets import LLAMA1_COMMON, PRESETS, preset_name
 from . import memory_model as mm
+from . import time_model as tm
+from .hardware import REFERENCE, Hardware
 
 GIB = 2**30
 # An "80GB" A100 or H100 has 80 GiB (81,920 MiB): GPU vendors and nvidia-smi count in binary units.
@@ -61,19 +64,22 @@ def check_gpus(gpus: int) -> None:
 
 
 def workload(model: str, parallelism: Parallelism, gpus: int, micro_batch: int, grad_ckpt: bool,
-             accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None) -> mm.Workload:
+             accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None,
+             **run_length) -> mm.Workload:
+    """``run_length``: examples, epochs, save_every (the seed's 6000, 3 and 100 when not given)."""
     check_gpus(gpus)
     if micro_batch < 1:
         raise UsageError(f"batch {micro_batch}: needs at least one sequence per GPU")
     return mm.Workload(shape=shape_of(model), parallelism=parallelism, gpus=gpus, micro_batch=micro_batch,
                        seq_len=seq_len or seq_len_of(model), grad_ckpt=grad_ckpt,
-                       accumulation=accumulation or parallelism.seed_accumulation, attention=attention)
+                       accumulation=accumulation or parallelism.seed_accumulation, attention=attention, **run_length)
 
 
 def recipe_workload(recipe, gpus: int | None = None) -> mm.Workload:
     attention = "eager" if recipe.attn == "eager" else "sdpa"
     return workload(recipe.model, recipe.parallelism, recipe.gpus if gpus is None else gpus, recipe.batch,
-                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len)
+                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len, examples=recipe.num_examples,
+                    epochs=recipe.epochs, save_every=recipe.save_steps if recipe.save else None)
 
 
 @dataclass
@@ -84,6 +90,12 @@ class Prediction:
     gpu_memory: int
     host_memory: int | None
     terms: list[mm.Term] = field(default_factory=list)
+    hardware: Hardware = REFERENCE
+    """The node the time is predicted for (memory depends only on gpu_memory)."""
+
+    @cached_property
+    def time(self) -> tm.TimePrediction:
+        return tm.predict_time(self.workload, self.stack, self.hardware)
 
     @property
     def live(self) -> int:
@@ -127,6 +139,15 @@ class Prediction:
             return None
         return "fits" if self.host <= self.host_memory else "oom"
 
+    @property
+    def rejected(self) -> str | None:
+        """Why this configuration cannot run here (OOM on the GPU, or on the host given --host-mem), or None."""
+        if self.verdict == "oom":
+            return f"OOM on GPU: live {self.live / GIB:.1f} GiB > {self.gpu_memory / GIB:.0f} GiB"
+        if self.host_verdict == "oom":
+            return f"OOM on host: {self.host / GIB:.0f} GiB > --host-mem {self.host_memory / GIB:.0f} GiB"
+        return None
+
     def activation_variants(self) -> dict[str, int]:
         """Peak activation + loss bytes of this run with and without checkpointing, eager and memory-efficient
         (SDPA) attention, everything else unchanged: what each choice would cost."""
@@ -169,16 +190,18 @@ class Prediction:
             "host_verdict": self.host_verdict,
             "terms": [t.to_dict() for t in self.terms],
             "activation_variants_bytes": self.activation_variants(),
+            "time": self.time.to_dict(),
         }
 
 
 def predict(w: mm.Workload, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
-            host_memory: int | None = None, name: str = "") -> Prediction:
+            host_memory: int | None = None, name: str = "", hardware: Hardware = REFERENCE) -> Prediction:
     if stack not in mm.STACKS:
         raise UsageError(f"--stack {stack!r}: one of {', '.join(mm.STACKS)}")
-    return Prediction(name, stack, w, gpu_memory, host_memory, mm.terms(w, stack))
+    return Prediction(name, stack, w, gpu_memory, host_memory, mm.terms(w, stack), hardware)
 
 
 def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
-                   host_memory: int | None = None, gpus: int | None = None) -> Prediction:
-    return predict(recipe_workload(recipe, gpus), stack, gpu_memory, host_memory, recipe.name)
+                   host_memory: int | None = None, gpus: int | None = None,
+                   hardware: Hardware = REFERENCE) -> Prediction:
+    return predict(recipe_workload(recipe, gpus), stack, gpu_memory, host_memory, recipe.name, hardware)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from . import memory_model as mm
+from . import time_model as tm
 from .predict import GIB, Prediction
+from .search import ranked
 
 
 def render(p: Prediction) -> str:
@@ -18,18 +20,50 @@ def render(p: Prediction) -> str:
         f"{label} {value / GIB:.1f} GiB" for label, value in p.activation_variants().items()))
     lines.append(f"  peak per GPU: live {p.live / GIB:.1f} GiB, with elastic {p.with_elastic / GIB:.1f} GiB")
     lines.append(f"  => {p.summary()}")
+    lines += render_time(p)
     return "\n".join(lines)
+
+
+def render_time(p: Prediction) -> list[str]:
+    """The time terms of one step, then the step, the run and the dominant term."""
+    t, hw = p.time, p.hardware
+    lines = [f"  time on {hw.card.name} in a {hw.host.name}, collectives over {hw.link}, per optimizer step "
+             f"({p.workload.accumulation} micro-batches):"]
+    for term in t.terms:
+        amount = f"{term.amount / 1e12:.1f} TFLOP" if term.unit == "FLOP" else f"{term.amount / 1e9:.1f} GB"
+        lines.append(f"  {term.group:16} {term.seconds:8.2f} s  {term.name}: {amount} over {term.resource} "
+                     f"at {term.rate / 1e12 if term.unit == 'FLOP' else term.rate / 1e9:.1f} "
+                     f"{'TFLOP/s' if term.unit == 'FLOP' else 'GB/s'} ({term.lane})")
+    lines.append(f"  => {time_summary(p)}")
+    return lines
+
+
+def time_summary(p: Prediction) -> str:
+    t = p.time
+    note = "; at capacity: allocator retries would slow every step (not modelled)" if p.verdict == "at capacity" else ""
+    return (f"step {t.step_seconds:.1f} s, {t.steps} steps, {t.saves} saves x {t.save_seconds:.0f} s, start-up "
+            f"{t.startup_seconds:.0f} s: full run {tm.clock(t.run_seconds)}; dominant: {t.dominant}{note}")
 
 
 def render_search(found: list[Prediction], model: str, gpus: int, gpu_memory: int, stack: str) -> str:
-    fitting = sorted((p for p in found if p.verdict != "oom"), key=lambda p: -p.margin)
-    lines = [f"{model} on {gpus} x {gpu_memory / GIB:.0f} GiB, {stack} stack: {len(fitting)} of {len(found)} "
-             "configurations fit (live bytes within the card), largest margin first",
-             f"  {'method':15} {'ckpt':5} {'batch':>5} {'accum':>5} {'peak GiB':>9} {'margin GiB':>10}  verdict"]
+    """The configurations that fit, fastest predicted full run first, then the faster ones that do not fit."""
+    fitting, faster = ranked(found)
+    hw = found[0].hardware if found else None
+    where = f" ({hw.card.name}, collectives over {hw.link})" if hw else ""
+    lines = [f"{model} on {gpus} x {gpu_memory / GIB:.0f} GiB{where}, {stack} stack: {len(fitting)} of {len(found)} "
+             "configurations fit, fastest predicted full run first",
+             f"  {'method':15} {'ckpt':5} {'batch':>5} {'accum':>5} {'peak GiB':>9} {'margin GiB':>10} {'step s':>8} "
+             f"{'full run':>10}  {'dominant':15} verdict"]
     for p in fitting:
-        w = p.workload
-        method = w.parallelism.label
-        lines.append(f"  {method:15} {'yes' if w.grad_ckpt else 'no':5} {w.micro_batch:5d} {w.accumulation:5d} "
-                     f"{p.live / GIB:9.1f} {p.margin / GIB:10.1f}  {p.verdict}"
-                     + (f", host {p.host / GIB:.0f} GiB" if p.host else ""))
+        lines.append(_search_line(p) + f"  {p.verdict}" + (f", host {p.host / GIB:.0f} GiB" if p.host else ""))
+    if faster:
+        lines.append("Faster, but rejected:")
+        lines += [_search_line(p) + f"  {p.rejected}" for p in faster]
     return "\n".join(lines)
+
+
+def _search_line(p: Prediction) -> str:
+    w, t = p.workload, p.time
+    return (f"  {w.parallelism.label:15} {'yes' if w.grad_ckpt else 'no':5} {w.micro_batch:5d} {w.accumulation:5d} "
+            f"{p.live / GIB:9.1f} {p.margin / GIB:10.1f} {t.step_seconds:8.1f} {tm.clock(t.run_seconds):>10}  "
+            f"{t.dominant:15}")

@@ -107,20 +107,36 @@ def stack_of(result: dict | None) -> str:
 
 
 def predicted(ref: ReferenceRow, result: dict | None) -> dict:
-    """The planner's figure for this row, on the run's GPU (the table's card when there is no run)."""
-    from ..planner import DEFAULT_GPU_MEMORY, predict_recipe
+    """The planner's figures for this row: memory on the run's GPU, time on the run's card at the matmul rate
+    the run measured (the table's machine when there is no run or the card is unknown)."""
+    from ..planner import DEFAULT_GPU_MEMORY, REFERENCE, hardware_for, predict_recipe
     from ..spec.recipes import load_recipe
 
-    gpu = ((result or {}).get("environment") or {}).get("gpu") or {}
-    p = predict_recipe(load_recipe(ref.recipe), stack_of(result),
-                               gpu.get("memory_bytes") or DEFAULT_GPU_MEMORY)
+    environment = (result or {}).get("environment") or {}
+    gpu = environment.get("gpu") or {}
+    hardware = hardware_for(gpu.get("name"), environment.get("matmul_bf16_flops")) or REFERENCE
+    p = predict_recipe(load_recipe(ref.recipe), stack_of(result), gpu.get("memory_bytes") or DEFAULT_GPU_MEMORY,
+                       hardware=hardware)
     return {"stack": p.stack, "verdict": p.verdict, "live_gb": p.live / BYTES_PER_TABLE_GB,
-            "memory_gb": None if p.reported is None else p.reported / BYTES_PER_TABLE_GB}
+            "memory_gb": None if p.reported is None else p.reported / BYTES_PER_TABLE_GB,
+            "time_s": p.time.run_seconds, "step_s": p.time.step_seconds, "dominant": p.time.dominant,
+            "card": hardware.card.name, "matmul_flops": hardware.matmul_flops}
 
 
 def judge_table_row(ref: ReferenceRow, result: dict | None, tol: Tolerances, not_run_reason: str) -> Verdict:
     verdict = _judge_table_row(ref, result, tol, not_run_reason)
     verdict.predicted = predicted(ref, result)
+    if ref.time_s and "time" not in verdict.measured.get("ratios", {}):
+        # No measured time to judge (a row not run, a fake world, a probe without a projection): the planner's
+        # figure stands in, labelled, and is not judged.
+        from ..planner.time_model import clock
+
+        seconds = verdict.predicted["time_s"]
+        if verdict.measured.get("time_s") is None:
+            verdict.measured["time_basis"] = "predicted"
+        verdict.reason += (f"{'; ' if verdict.reason else ''}time not measured: the planner predicts "
+                           f"{clock(seconds)} on {verdict.predicted['card']} ({verdict.predicted['stack']} stack; "
+                           f"table {ref.time_printed}, x{seconds / ref.time_s:.2f})")
     return verdict
 
 

@@ -11,8 +11,8 @@ from ..results.files import write_json_atomic, write_text_atomic
 from .diff import Verdict
 
 COLUMNS = ["recipe", "verdict", "reference_memory", "measured_memory_gb", "predicted_memory_gb", "memory_ratio",
-           "reference_time_s",
-           "measured_time_s", "time_basis", "normalized_time_s", "time_ratio", "gpu", "torch", "reason"]
+           "reference_time_s", "measured_time_s", "time_basis", "normalized_time_s", "predicted_time_s", "time_ratio",
+           "gpu", "torch", "reason"]
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -39,7 +39,8 @@ def rows(verdicts: list[Verdict]) -> list[dict]:
             "predicted_memory_gb": _predicted(v.predicted),
             "memory_ratio": _fmt(ratios.get("memory")), "reference_time_s": _fmt(r.get("time_s")),
             "measured_time_s": _fmt(m.get("time_s"), 0), "time_basis": m.get("time_basis", ""),
-            "normalized_time_s": _fmt(m.get("time_s_normalized"), 0), "time_ratio": _fmt(ratios.get("time")),
+            "normalized_time_s": _fmt(m.get("time_s_normalized"), 0),
+            "predicted_time_s": _fmt((v.predicted or {}).get("time_s"), 0), "time_ratio": _fmt(ratios.get("time")),
             "gpu": m.get("gpu") or "", "torch": (m.get("versions") or {}).get("torch") or "", "reason": v.reason,
         })
     return out
@@ -89,8 +90,9 @@ def figure(verdicts: list[Verdict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     for i, v in enumerate(verdicts):
-        if (v.predicted or {}).get("memory_gb") is not None:
-            axes[0].plot([i - 0.4, i + 0.4], [v.predicted["memory_gb"]] * 2, color="black", lw=1.5)
+        for ax, key, scale in ((axes[0], "memory_gb", 1.0), (axes[1], "time_s", 3600.0)):
+            if (v.predicted or {}).get(key) is not None:
+                ax.plot([i - 0.4, i + 0.4], [v.predicted[key] / scale] * 2, color="black", lw=1.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ("#9aa5b1", "#2e7d32", "#1565c0", "#c62828")]
     handles.append(plt.Line2D([0], [0], color="black", lw=1.5))
     axes[0].legend(handles, ["reference", "measured: reproduced", "measured: better", "measured: worse / other",
