@@ -135,7 +135,7 @@ class TrainConfig(BaseModel):
     """Where results.json, config.json and checkpoints go."""
 
     run_name: str | None = None
-    """The recipe this run reproduces (its reference row for `shardkit diff`)."""
+    """The recipe this run reproduces (its reference row for shardkit diff)."""
 
     eval_strategy: Literal["no"] = "no"
     """Evaluation is not part of the table's measurements; only "no" is accepted."""
