@@ -24,7 +24,8 @@ FLAG_ALIASES = {
 class TrainConfig(BaseModel):
     """Everything one run needs; one instance per run, saved as ``config.json`` beside its results."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # inf and nan parse as floats; an infinite epoch count or learning rate is never meant.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
     # --- what to train -------------------------------------------------------------------------
     model_name_or_path: str = "tiny"

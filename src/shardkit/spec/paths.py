@@ -1,9 +1,21 @@
-"""Where a run or a report will write, checked before anything is written."""
+"""The files a run reads and the folders it writes, checked before anything happens, as one line."""
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+
+from ..errors import UsageError
+
+
+def read_text(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are refused with the line they are on."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x})") from None
 
 
 def folder_problem(path: str | Path) -> str | None:

@@ -27,7 +27,7 @@ class Recipe(BaseModel):
     """One row of the table. Keys are the env file's, lower-cased; defaults are the values the table leaves
     out, each with where it comes from."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
     name: str
     """The file name without .env: model_method_Ngpu_bsB[_nockpt]."""
