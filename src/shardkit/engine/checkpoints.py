@@ -4,24 +4,14 @@ never looks like a checkpoint; the oldest are deleted beyond --save_total_limit.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
-from ..errors import UsageError
+from ..spec.resume import STATE_FILE, completed, find
 
-PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "shardkit_state.json"
-
-
-def completed(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    folder = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := PATTERN.match(p.name))
-             and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+__all__ = ["completed", "find", "restore", "save"]
 
 
 def save(strategy, output_dir: str, step: int, position: dict, limit: int | None) -> Path:
@@ -43,19 +33,6 @@ def save(strategy, output_dir: str, step: int, position: dict, limit: int | None
                 shutil.rmtree(old)
     dist.barrier()
     return final
-
-
-def find(resume_from: str, output_dir: str) -> Path:
-    """--resume_from_checkpoint: a folder, or "latest" for the newest finished one in --output_dir."""
-    if resume_from == "latest":
-        found = completed(output_dir)
-        if not found:
-            raise UsageError(f"--resume_from_checkpoint latest: no finished checkpoint in {output_dir!r}")
-        return found[-1]
-    folder = Path(resume_from)
-    if not (folder / STATE_FILE).is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume_from!r}: not a finished shardkit checkpoint")
-    return folder
 
 
 def restore(strategy, folder: Path) -> dict:

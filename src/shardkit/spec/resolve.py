@@ -17,6 +17,7 @@ from .deepspeed_config import resolve_deepspeed_config
 from .parallelism import Parallelism, deepspeed_offload
 from .paths import folder_problem
 from .presets import ModelSpec, parameter_counts, resolve_model
+from .resume import check_resume
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
     problem = folder_problem(cfg.output_dir)
     if problem:
         raise UsageError(f"--output_dir {cfg.output_dir!r}: {problem}")
+    check_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.engine)
     deepspeed_json = None
     if cfg.deepspeed:
         from .deepspeed_config import load_deepspeed_json
