@@ -74,7 +74,8 @@ def _tolerance_flags(parser: argparse.ArgumentParser) -> None:
                         help="also fail on rows better than the reference (the table reproduced as printed)")
     parser.add_argument("--report", type=_folder, default=None,
                         help="write report.md/.csv/.png and verdicts.json here")
-    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON instead of a table")
+    parser.add_argument("--json", action="store_true",
+                        help='print the verdicts as JSON ({"verdicts": [...]}, as verdicts.json) instead of a table')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run rows the planner expects not to fit on these GPUs (skipped by default)")
     _runner_flags(repro)
     _tolerance_flags(repro)
-    diff = sub.add_parser("diff", help="compare results files or run folders with their reference rows")
-    diff.add_argument("results", nargs="+", type=Path)
+    diff = sub.add_parser("diff", help="compare results with their reference rows")
+    diff.add_argument("results", nargs="*", type=Path,
+                      help=f"results.json files, or folders searched for them below (default {RESULTS_ROOT})")
     _tolerance_flags(diff)
     smoke = sub.add_parser("smoke", help="the tiny recipes on 2 CPU ranks, diffed against their reference curves")
     smoke.add_argument("--results", type=_folder, default=f"{RESULTS_ROOT}/smoke",
@@ -156,7 +158,7 @@ def _verdicts_out(verdicts, args) -> int:
     from .verdict import diff, report
 
     if args.json:
-        print(json.dumps([v.to_dict() for v in verdicts], indent=2))
+        print(json.dumps(report.verdicts_document(verdicts), indent=2))
     else:
         width = max(len(v.recipe) for v in verdicts) if verdicts else 10
         for v in verdicts:
@@ -231,9 +233,10 @@ def _dispatch(args, extra: list[str]) -> int:
             args.report = args.results / (f"probe{args.probe}" if args.probe else "full")
         return _verdicts_out(verdicts, args)
     if args.command == "diff":
-        found = diff.load_results(args.results)
+        paths = args.results or [Path(RESULTS_ROOT)]
+        found = diff.load_results(diff.results_files(paths))
         if not found:
-            raise UsageError(f"no results.json in {', '.join(map(str, args.results))}")
+            raise UsageError(f"no results.json in or below {', '.join(map(str, paths))}")
         verdicts = diff.compare(list(found), found, reference.load_table(), reference.load_tiny(), _tolerances(args))
         return _verdicts_out(verdicts, args)
     if args.command == "image":
