@@ -62,3 +62,15 @@ def test_bad_input_is_one_line_with_no_traceback(args, fragment, tmp_path):
     assert len(errors) == 1 and fragment in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()  # refused before anything started
+
+
+def test_a_memory_size_without_unit_is_gib(capsys):
+    from shardkit import cli
+    from shardkit.planner import parse_size
+
+    assert parse_size("80", "--gpu-mem") == parse_size("80GB", "--gpu-mem") == 80 * 2**30
+    assert parse_size("512B", "--host-mem") == 512  # bytes only when said
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "4", "--gpu-mem", "80"]) == 0
+    bare = capsys.readouterr().out
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "4", "--gpu-mem", "80GB"]) == 0
+    assert bare == capsys.readouterr().out and " 0 of " not in bare
