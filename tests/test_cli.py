@@ -11,21 +11,33 @@ from conftest import RECIPES, cpu_env, run_train
 SEED = Path(__file__).resolve().parents[1] / "recipes" / "SEED.md"
 
 
-def seed_commands() -> dict[str, str]:
-    """The two ```-fenced torchrun commands of the seed document, joined into one line each."""
-    text = SEED.read_text()
-    blocks = re.findall(r"### (\w+)\n```\n(torchrun.*?)```", text, flags=re.S)
-    return {name: block.replace("\\\n", " ").strip() for name, block in blocks}
+def seed_blocks() -> dict[str, str]:
+    """The two ```-fenced torchrun commands of the seed document, as written."""
+    return dict(re.findall(r"### (\w+)\n```\n(torchrun.*?)```", SEED.read_text(), flags=re.S))
+
+
+SCRIPTS = {"FSDP": RECIPES / "seed_fsdp.sh", "Deepspeed": RECIPES / "seed_deepspeed.sh"}
+
+
+def test_seed_scripts_are_the_documents_command_lines():
+    blocks = seed_blocks()
+    assert set(blocks) == set(SCRIPTS)
+    for name, script in SCRIPTS.items():
+        text = script.read_text()
+        assert text.startswith("#!/bin/sh\n") and text.endswith(blocks[name])
+        assert text.count("torchrun") == 1  # the rest of the script only comments and changes folder
+        assert script.stat().st_mode & 0o111
 
 
 @pytest.mark.parametrize("name, method, global_batch, steps", [
     ("FSDP", "fsdp_offload", 1 * 8 * 8, 3 * (6000 // 8 // 1 // 8)),
     ("Deepspeed", "zero3_offload", 8 * 2 * 8, 3 * (6000 // 8 // 8 // 2)),
 ])
-def test_seed_command_runs_verbatim_as_dry_run(name, method, global_batch, steps):
-    command = seed_commands()[name]
-    result = subprocess.run(f"{command} --dry_run True", shell=True, cwd=RECIPES, env=cpu_env(),
-                            capture_output=True, text=True, timeout=600)
+def test_seed_script_runs_as_dry_run_from_anywhere(name, method, global_batch, steps, tmp_path):
+    script = SCRIPTS[name]
+    # The script as written, with the dry-run flag after its last line; $0 is the script, as with `sh FILE`.
+    result = subprocess.run(["sh", "-c", script.read_text().rstrip("\n") + " --dry_run True", str(script)],
+                            cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "parameters   32,528,943,616" in out  # LLaMA-30B
@@ -35,6 +47,7 @@ def test_seed_command_runs_verbatim_as_dry_run(name, method, global_batch, steps
     assert f"= global {global_batch} sequences of 2048 tokens" in out
     assert f"{steps} optimizer steps this run" in out
     assert out.count("world size") == 1  # only rank 0 prints
+    assert not any(tmp_path.iterdir())
 
 
 def test_dry_run_of_7b_prints_its_parameter_count():
