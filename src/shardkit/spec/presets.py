@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .paths import read_text
 
 # Published LLaMA-1 shapes (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models",
 # Table 2; intermediate sizes from the released params.json / HF configs). Vocabulary 32000, context 2048.
@@ -55,13 +56,18 @@ def resolve_model(cfg) -> ModelSpec:
     config_file = path / "config.json"
     if config_file.is_file():
         try:
-            hf_config = json.loads(config_file.read_text())
+            hf_config = json.loads(read_text(config_file))
         except json.JSONDecodeError as error:
             raise UsageError(f"{config_file}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
+        if not isinstance(hf_config, dict):
+            raise UsageError(f"{config_file}: a JSON {type(hf_config).__name__}, not a model configuration")
         if hf_config.get("model_type") != "llama":
             raise UsageError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not llama")
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
         hf_config = {**hf_config, **overrides}
+        missing = [key for key in (*SHAPE_OVERRIDES, "vocab_size", "max_position_embeddings") if key not in hf_config]
+        if missing:
+            raise UsageError(f"{config_file}: no {', '.join(missing)}")
         _check_heads(hf_config, overrides, str(config_file))
         return ModelSpec(path.name, hf_config, str(path) if has_weights else None)
     known = ", ".join(PRESETS)
