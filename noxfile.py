@@ -72,6 +72,7 @@ def build(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def diff(session: nox.Session) -> None:
-    """Diff results against the reference and write the report: -- RESULTS... [--strict] [--report DIR]."""
+    """Diff results against the reference and write the report: -- [RESULTS...] [--strict] [--report DIR].
+    RESULTS are results.json files or folders searched below; none: every result under results/."""
     install(session, extras="deepspeed")
-    session.run("shardkit", "diff", *(session.posargs or ["results/full"]))
+    session.run("shardkit", "diff", *session.posargs)

@@ -68,7 +68,7 @@ def test_rows_needing_more_gpus_are_not_run(tmp_path):
                            "llama-65b_zero3-offload_8gpu_bs4", "--results", str(results), "--json"],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    verdicts = json.loads(done.stdout)
+    verdicts = json.loads(done.stdout)["verdicts"]
     assert [(v["verdict"], v["reason"]) for v in verdicts] == [("not-run", "needs 8 GPUs, 0 visible")] * 2
     assert (results / "full" / "report.md").is_file() and (results / "full" / "report.png").is_file()
 

@@ -1,31 +1,47 @@
-"""The seed's two command lines, run verbatim from recipes/, and bad input as one line without traceback."""
+"""The seed's two command lines, run verbatim from recipes/, and what a first hour with the CLI meets (bad input
+has its own list: tests/bad_inputs.py)."""
 
+import json
 import re
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import RECIPES, cpu_env, run_train
+from conftest import RECIPES, ROOT, cpu_env, run_train
 
 SEED = Path(__file__).resolve().parents[1] / "recipes" / "SEED.md"
 
 
-def seed_commands() -> dict[str, str]:
-    """The two ```-fenced torchrun commands of the seed document, joined into one line each."""
-    text = SEED.read_text()
-    blocks = re.findall(r"### (\w+)\n```\n(torchrun.*?)```", text, flags=re.S)
-    return {name: block.replace("\\\n", " ").strip() for name, block in blocks}
+def seed_blocks() -> dict[str, str]:
+    """The two ```-fenced torchrun commands of the seed document, as written."""
+    return dict(re.findall(r"### (\w+)\n```\n(torchrun.*?)```", SEED.read_text(), flags=re.S))
+
+
+SCRIPTS = {"FSDP": RECIPES / "seed_fsdp.sh", "Deepspeed": RECIPES / "seed_deepspeed.sh"}
+
+
+def test_seed_scripts_are_the_documents_command_lines():
+    blocks = seed_blocks()
+    assert set(blocks) == set(SCRIPTS)
+    for name, script in SCRIPTS.items():
+        text = script.read_text()
+        assert text.startswith("#!/bin/sh\n") and text.endswith(blocks[name])
+        assert text.count("torchrun") == 1  # the rest of the script only comments and changes folder
+        assert script.stat().st_mode & 0o111
 
 
 @pytest.mark.parametrize("name, method, global_batch, steps", [
     ("FSDP", "fsdp_offload", 1 * 8 * 8, 3 * (6000 // 8 // 1 // 8)),
     ("Deepspeed", "zero3_offload", 8 * 2 * 8, 3 * (6000 // 8 // 8 // 2)),
 ])
-def test_seed_command_runs_verbatim_as_dry_run(name, method, global_batch, steps):
-    command = seed_commands()[name]
-    result = subprocess.run(f"{command} --dry_run True", shell=True, cwd=RECIPES, env=cpu_env(),
-                            capture_output=True, text=True, timeout=600)
+def test_seed_script_runs_as_dry_run_from_anywhere(name, method, global_batch, steps, tmp_path):
+    script = SCRIPTS[name]
+    # The script as written, with the dry-run flag after its last line; $0 is the script, as with `sh FILE`.
+    result = subprocess.run(["sh", "-c", script.read_text().rstrip("\n") + " --dry_run True", str(script)],
+                            cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "parameters   32,528,943,616" in out  # LLaMA-30B
@@ -35,6 +51,7 @@ def test_seed_command_runs_verbatim_as_dry_run(name, method, global_batch, steps
     assert f"= global {global_batch} sequences of 2048 tokens" in out
     assert f"{steps} optimizer steps this run" in out
     assert out.count("world size") == 1  # only rank 0 prints
+    assert not any(tmp_path.iterdir())
 
 
 def test_dry_run_of_7b_prints_its_parameter_count():
@@ -45,20 +62,37 @@ def test_dry_run_of_7b_prints_its_parameter_count():
     assert "world size   2" in result.stdout
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--model_name_or_path", "llama-3b"], "--model_name_or_path 'llama-3b'"),
-    (["--data_path", "missing.jsonl", "--tokenizer_path", "tok"], "--data_path 'missing.jsonl': no such file"),
-    (["--deepspeed", "tests/data/broken.json", "--fsdp", ""], "tests/data/broken.json:4:"),
-    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size '0'"),
-    (["--num_examples", "1"], "2 ranks but only 1 examples"),
-    (["--warmup_ratio", "0.03", "--frobnicate"], "unknown flag '--frobnicate'"),
-])
-def test_bad_input_is_one_line_with_no_traceback(args, fragment, tmp_path):
-    result = run_train(["--fsdp", "full_shard auto_wrap", "--nproc_per_node", "2",
-                        "--output_dir", str(tmp_path / "out"), *args])
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("shardkit: error:")]
-    assert len(errors) == 1 and fragment in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out").exists()  # refused before anything started
+def test_a_memory_size_without_unit_is_gib(capsys):
+    from shardkit import cli
+    from shardkit.planner import parse_size
+
+    assert parse_size("80", "--gpu-mem") == parse_size("80GB", "--gpu-mem") == 80 * 2**30
+    assert parse_size("512B", "--host-mem") == 512  # bytes only when said
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "4", "--gpu-mem", "80"]) == 0
+    bare = capsys.readouterr().out
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "4", "--gpu-mem", "80GB"]) == 0
+    assert bare == capsys.readouterr().out and " 0 of " not in bare
+
+
+HELP = [["shardkit"]] + [["shardkit", command] for command in
+                         ("recipes", "run", "reproduce", "diff", "smoke", "image", "slurm", "plan")] + [["shardkit.train"]]
+
+
+@pytest.mark.parametrize("command", HELP, ids=" ".join)
+def test_help_is_plain_text(command):
+    result = subprocess.run([sys.executable, "-m", *command, "--help"], cwd=ROOT, env=cpu_env(), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("usage:"), result.stderr
+    assert "`" not in result.stdout  # no RST or Markdown quotes in a terminal
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly():
+    """`shardkit plan --model M --gpus N --json | head -1`: over 100 kB of JSON lines into a pipe closed after one."""
+    process = subprocess.Popen([sys.executable, "-m", "shardkit", "plan", "--model", "llama-7b", "--gpus", "4", "--json"],
+                               cwd=ROOT, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = process.stdout.readline()
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert json.loads(first)["stack"] == "today"
+    assert stderr == ""

@@ -204,10 +204,13 @@ def test_cli_diff_json_and_exit_code(real_result, tmp_path):
     folder, result = real_result
     worse = tmp_path / "worse.json"
     worse.write_text(json.dumps(as_table_row(result, ROW, memory_gb=70, hours=1)))
-    done = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(folder), str(worse), "--json"],
+    done = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(folder), str(worse), "--json",
+                           "--report", str(tmp_path / "report")],
                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
-    verdicts = {v["recipe"]: v["verdict"] for v in json.loads(done.stdout)}
+    printed = json.loads(done.stdout)
+    assert printed == json.loads((tmp_path / "report" / "verdicts.json").read_text())  # one shape for both
+    verdicts = {v["recipe"]: v["verdict"] for v in printed["verdicts"]}
     assert verdicts == {"tiny_fsdp_2cpu_bs4": "reproduced", ROW: "worse"}
     relaxed = subprocess.run([sys.executable, "-m", "shardkit", "diff", str(worse), "--memory-tol", "1",
                               "--time-tol", "5"], cwd=ROOT, env=cpu_env(), capture_output=True, text=True)
@@ -223,3 +226,25 @@ def test_results_of_an_unknown_schema_version_are_refused(real_result, tmp_path)
     old = tmp_path / "v1.json"
     old.write_text(json.dumps({**result, "schema_version": 1}))
     assert list(diff.load_results([old])) == ["tiny_fsdp_2cpu_bs4"]
+
+
+def test_diff_searches_folders_and_defaults_to_the_results_root(real_result, tmp_path, monkeypatch, capsys):
+    from shardkit import cli
+
+    _, result = real_result
+    smoke = tmp_path / "results" / "smoke" / "full" / "tiny_fsdp_2cpu_bs4"  # where `shardkit smoke` puts a row
+    smoke.mkdir(parents=True)
+    (smoke / "results.json").write_text(json.dumps(result))
+    (tmp_path / "results" / "smoke" / "verdicts.json").write_text("{}")  # a report beside it is not a result
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["diff", "results/smoke", "--json"]) == 0
+    assert [v["recipe"] for v in json.loads(capsys.readouterr().out)["verdicts"]] == ["tiny_fsdp_2cpu_bs4"]
+    assert cli.main(["diff", "--json"]) == 0  # no path: everything under results/
+    assert [v["verdict"] for v in json.loads(capsys.readouterr().out)["verdicts"]] == ["reproduced"]
+    # A second result for the same recipe (a probe beside the full run) is refused, not silently chosen.
+    probe = tmp_path / "results" / "probe5" / "tiny_fsdp_2cpu_bs4"
+    probe.mkdir(parents=True)
+    (probe / "results.json").write_text(json.dumps(result))
+    assert cli.main(["diff"]) == 2
+    assert "a second result for tiny_fsdp_2cpu_bs4" in capsys.readouterr().err
+    assert cli.main(["diff", "results/probe5"]) == 0

@@ -105,3 +105,32 @@ def test_malformed_recipe_is_one_line_naming_file_and_line(tmp_path, text, fragm
 def test_unknown_recipe_name():
     with pytest.raises(UsageError, match=re.escape("unknown recipe 'llama-7b_fsdp_3gpu_bs1'")):
         recipes.load_recipe("llama-7b_fsdp_3gpu_bs1")
+
+
+def test_recipes_are_listed_by_model_size_then_gpus_then_batch():
+    names = recipes.all_names()
+    assert all(name.startswith("tiny") for name in names[:4])
+    # The table is printed in that order (with FSDP before offload, and before ZeRO-3, at equal size).
+    assert names[4:] == list(load_table())
+
+
+ROW_SHAPED = "MODEL=tiny\nMETHOD=fsdp\nGPUS=2\nBATCH=4\nGRAD_CKPT=True\n"
+
+
+@pytest.mark.parametrize("old, new, fragment", [
+    ("GPUS=2", "GPUS=4", "tiny_fsdp_2cpu_bs4.env:3: GPUS=4 contradicts the file name"),
+    ("BATCH=4", "BATCH=8", "tiny_fsdp_2cpu_bs4.env:4: BATCH=8"),
+    ("METHOD=fsdp", "METHOD=zero3", "tiny_fsdp_2cpu_bs4.env:2: METHOD=zero3"),
+    ("GRAD_CKPT=True", "GRAD_CKPT=False", "tiny_fsdp_2cpu_bs4.env:5: GRAD_CKPT=False"),
+    ("MODEL=tiny", "MODEL=decapoda-research/llama-7b-hf", "tiny_fsdp_2cpu_bs4.env:1: MODEL="),
+])
+def test_a_row_shaped_name_must_agree_with_the_values(tmp_path, old, new, fragment):
+    (tmp_path / "tiny_fsdp_2cpu_bs4.env").write_text(ROW_SHAPED)
+    assert recipes.load_recipe("tiny_fsdp_2cpu_bs4", folder=tmp_path).gpus == 2
+    (tmp_path / "tiny_fsdp_2cpu_bs4.env").write_text(ROW_SHAPED.replace(old, new))
+    with pytest.raises(UsageError) as error:
+        recipes.load_recipe("tiny_fsdp_2cpu_bs4", folder=tmp_path)
+    assert fragment in str(error.value)
+    # Any other name says nothing, so holds any values.
+    (tmp_path / "my_run.env").write_text(ROW_SHAPED.replace(old, new))
+    assert recipes.load_recipe("my_run", folder=tmp_path).name == "my_run"

@@ -4,54 +4,108 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
 from pathlib import Path
 
-from .errors import EXIT_ERROR, EXIT_USAGE, UsageError
+from .errors import EXIT_ERROR, EXIT_USAGE, ArgumentParser, UsageError
+
+DESCRIPTION = "Run recipes, reproduce the table, diff results against it, and the CPU smoke job."
+RESULTS_ROOT = "results"
+
+
+# Value checks of the flags, as argparse types: argparse names the flag in the one-line error.
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a finite number")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a time limit must be more than 0 seconds")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance cannot be negative")
+    return value
+
+
+def _folder(text: str) -> Path:
+    from .spec.paths import folder_problem
+
+    problem = folder_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return Path(text)
 
 
 def _tolerance_flags(parser: argparse.ArgumentParser) -> None:
     from .verdict.diff import Tolerances
 
     defaults = Tolerances()
-    parser.add_argument("--memory-tol", type=float, default=defaults.memory_rel,
+    parser.add_argument("--memory-tol", type=_tolerance, default=defaults.memory_rel,
                         help="relative tolerance on peak GPU memory (default %(default)s)")
-    parser.add_argument("--time-tol", type=float, default=defaults.time_rel,
+    parser.add_argument("--time-tol", type=_tolerance, default=defaults.time_rel,
                         help="relative tolerance on normalized wall time (default %(default)s)")
-    parser.add_argument("--loss-tol", type=float, default=defaults.loss_abs,
+    parser.add_argument("--loss-tol", type=_tolerance, default=defaults.loss_abs,
                         help="absolute per-step loss tolerance for tiny CPU rows (default %(default)s)")
     parser.add_argument("--strict", action="store_true",
                         help="also fail on rows better than the reference (the table reproduced as printed)")
-    parser.add_argument("--report", type=Path, default=None, help="write report.md/.csv/.png and verdicts.json here")
-    parser.add_argument("--json", action="store_true", help="print the verdicts as JSON instead of a table")
+    parser.add_argument("--report", type=_folder, default=None,
+                        help="write report.md/.csv/.png and verdicts.json here")
+    parser.add_argument("--json", action="store_true",
+                        help='print the verdicts as JSON ({"verdicts": [...]}, as verdicts.json) instead of a table')
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardkit", description=__doc__)
+    parser = ArgumentParser(prog="shardkit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("recipes", help="list the recipes and the table row each reproduces")
     run = sub.add_parser("run", help="run one recipe (extra flags override its values, e.g. --max_steps 10)")
     run.add_argument("recipe")
-    run.add_argument("--results", type=Path, default=Path("results"), help="results root (default %(default)s)")
-    run.add_argument("--probe", type=int, default=None, help="measure N steps and project the full run")
-    run.add_argument("--timeout", type=float, default=None, help="kill the row after this many seconds")
+    run.add_argument("--results", type=_folder, default=RESULTS_ROOT, help="results root (default %(default)s)")
+    run.add_argument("--probe", type=_count, default=None, help="measure N steps and project the full run")
+    run.add_argument("--timeout", type=_seconds, default=None, help="kill the row after this many seconds")
     run.add_argument("--print-command", action="store_true", help="print the seed-style torchrun command and exit")
     _runner_flags(run)
     repro = sub.add_parser("reproduce", help="run recipes (default: all table rows) on the visible GPUs, then diff")
     repro.add_argument("recipes", nargs="*")
-    repro.add_argument("--results", type=Path, default=Path("results"))
-    repro.add_argument("--probe", type=int, default=None, help="measure N steps per row and project full runs")
+    repro.add_argument("--results", type=_folder, default=RESULTS_ROOT, help="results root (default %(default)s)")
+    repro.add_argument("--probe", type=_count, default=None, help="measure N steps per row and project full runs")
     repro.add_argument("--force", action="store_true", help="rerun rows that already have results")
-    repro.add_argument("--timeout", type=float, default=None, help="per-row time limit in seconds")
+    repro.add_argument("--timeout", type=_seconds, default=None, help="per-row time limit in seconds")
     repro.add_argument("--run-predicted-oom", action="store_true",
                        help="also run rows the planner expects not to fit on these GPUs (skipped by default)")
     _runner_flags(repro)
     _tolerance_flags(repro)
-    diff = sub.add_parser("diff", help="compare results files or run folders with their reference rows")
-    diff.add_argument("results", nargs="+", type=Path)
+    diff = sub.add_parser("diff", help="compare results with their reference rows")
+    diff.add_argument("results", nargs="*", type=Path,
+                      help=f"results.json files, or folders searched for them below (default {RESULTS_ROOT})")
     _tolerance_flags(diff)
     smoke = sub.add_parser("smoke", help="the tiny recipes on 2 CPU ranks, diffed against their reference curves")
-    smoke.add_argument("--results", type=Path, default=Path("results") / "smoke")
+    smoke.add_argument("--results", type=_folder, default=f"{RESULTS_ROOT}/smoke",
+                       help="where the runs and the report go (default %(default)s)")
     smoke.add_argument("--update-reference", action="store_true",
                        help="write these runs as recipes/reference_tiny.json (with provenance)")
     image = sub.add_parser("image", help="make the local base image, fetch wheels, or build the image")
@@ -61,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--base", default=None, help="base image (the cpu flavour needs the local base)")
     slurm = sub.add_parser("slurm", help="print a Slurm batch script that runs a recipe on several nodes")
     slurm.add_argument("recipe")
-    slurm.add_argument("--nodes", type=int, required=True)
+    slurm.add_argument("--nodes", type=_count, required=True)
     slurm.add_argument("--image", default=None, help="run in this container image (pyxis/enroot --container-image)")
     slurm.add_argument("--time", default="48:00:00")
     slurm.add_argument("--partition", default=None)
@@ -78,11 +132,12 @@ def _plan_parser(sub) -> None:
     plan.add_argument("--model", help="rank the configurations of this model that fit by predicted time, e.g. llama-30b")
     plan.add_argument("--gpus", type=int, default=None, help="GPUs (default: the recipe's; needed with --model)")
     plan.add_argument("--gpu-mem", default="80GiB",
-                      help="memory per GPU (default %(default)s; GB means GiB, as on an '80GB' card)")
+                      help="memory per GPU (default %(default)s; GB means GiB, as on an '80GB' card, and so does "
+                           "a number without a unit)")
     plan.add_argument("--host-mem", default=None, help="host memory of the node, checked against what offload needs")
     plan.add_argument("--stack", choices=["today", "2023"], default="today",
                       help="today: shardkit's engine (FSDP2); 2023: the table's HF Trainer + torch 2.0 FSDP stack")
-    plan.add_argument("--global-batch", type=int, default=None,
+    plan.add_argument("--global-batch", type=_count, default=None,
                       help="with --model: sequences per optimizer step, split into micro-batch x accumulation")
     plan.add_argument("--gpu", choices=["a100", "h100", "h200"], default="a100",
                       help="the card time is predicted for (default %(default)s, the table's; docs/planner.md)")
@@ -108,7 +163,7 @@ def _verdicts_out(verdicts, args) -> int:
     from .verdict import diff, report
 
     if args.json:
-        print(json.dumps([v.to_dict() for v in verdicts], indent=2))
+        print(json.dumps(report.verdicts_document(verdicts), indent=2))
     else:
         width = max(len(v.recipe) for v in verdicts) if verdicts else 10
         for v in verdicts:
@@ -131,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         from .train import main as train_main
 
         return train_main(argv[1:])
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "run":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .orchestration.containers import BuildFailed
 
     try:
-        return _dispatch(args, extra)
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command != "run":
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        code = _dispatch(args, extra)
+        sys.stdout.flush()  # inside the try: a reader that left must not surface at interpreter exit
+        return code
     except KeyboardInterrupt:
         # The row that was running recorded itself as interrupted, with its steps; nothing else to say.
         print("shardkit: interrupted", file=sys.stderr)
@@ -149,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     except BuildFailed as error:
         print(f"shardkit: error: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:
+        # The reader of stdout left (plan --json | head): stop without a word and with the status of a
+        # process ended by SIGPIPE, as CLI tools do; stdout goes nowhere so the final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 def _dispatch(args, extra: list[str]) -> int:
@@ -183,9 +245,10 @@ def _dispatch(args, extra: list[str]) -> int:
             args.report = args.results / (f"probe{args.probe}" if args.probe else "full")
         return _verdicts_out(verdicts, args)
     if args.command == "diff":
-        found = diff.load_results(args.results)
+        paths = args.results or [Path(RESULTS_ROOT)]
+        found = diff.load_results(diff.results_files(paths))
         if not found:
-            raise UsageError(f"no results.json in {', '.join(map(str, args.results))}")
+            raise UsageError(f"no results.json in or below {', '.join(map(str, paths))}")
         verdicts = diff.compare(list(found), found, reference.load_table(), reference.load_tiny(), _tolerances(args))
         return _verdicts_out(verdicts, args)
     if args.command == "image":

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 from pathlib import Path
 
 from ..errors import UsageError
 from ..results.files import write_json_atomic
+from ..spec.resume import MANIFEST, PATTERN, STATE_FILE, completed, find
 
-PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "shardkit_state.json"
-MANIFEST = "manifest.json"
+__all__ = ["completed", "find", "restore", "save", "verify", "write_manifest"]
 
 
 def _sha256(path: Path) -> str:
@@ -66,14 +64,6 @@ def verify(folder: Path) -> dict:
     return {**state, "step": body["step"]}
 
 
-def completed(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints, oldest first."""
-    folder = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*") if (m := PATTERN.match(p.name))
-             and (p / MANIFEST).is_file()]
-    return [p for _, p in sorted(found)]
-
-
 def save(strategy, output_dir: str, step: int, position: dict, limit: int | None) -> Path:
     import torch.distributed as dist
 
@@ -96,20 +86,6 @@ def save(strategy, output_dir: str, step: int, position: dict, limit: int | None
                 shutil.rmtree(old)
     dist.barrier()
     return final
-
-
-def find(resume_from: str, output_dir: str) -> Path:
-    """--resume_from_checkpoint: a folder, or "latest" for the newest finished one in --output_dir."""
-    if resume_from == "latest":
-        found = completed(output_dir)
-        if not found:
-            raise UsageError(f"--resume_from_checkpoint latest: no finished checkpoint in {output_dir!r}")
-        return found[-1]
-    folder = Path(resume_from)
-    if not (folder / MANIFEST).is_file():
-        raise UsageError(f"--resume_from_checkpoint {resume_from!r}: not a finished shardkit checkpoint "
-                         f"(no {MANIFEST})")
-    return folder
 
 
 def restore(strategy, folder: Path) -> dict:

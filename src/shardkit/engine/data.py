@@ -46,27 +46,32 @@ def synthetic(num_examples: int, length: int, vocab_size: int, seed: int) -> Tok
                                                   "vocab_size": vocab_size})
 
 
-def instruction(path: str, tokenizer_path: str, length: int) -> TokenDataset:
-    """Prompt + response + EOS, truncated or right-padded to ``length``; only response tokens count in the loss."""
+def load_tokenizer(tokenizer_path: str):
+    """The local tokenizer and its padding id; refused as one line when it cannot load or cannot pad."""
     from transformers import AutoTokenizer
 
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"--data_path {path!r}: no such file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - whatever the folder holds, it is the user's input
+        lines = str(error).strip().splitlines()
         raise UsageError(f"--tokenizer_path {tokenizer_path!r}: cannot load a local tokenizer "
-                         f"({str(error).splitlines()[0]})") from None
+                         f"({lines[0] if lines else type(error).__name__})") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise UsageError(f"--tokenizer_path {tokenizer_path!r}: tokenizer has neither a pad nor an eos token")
+    return tokenizer, pad_id
+
+
+def instruction(path: str, tokenizer_path: str, length: int) -> TokenDataset:
+    """Prompt + response + EOS, truncated or right-padded to ``length``; only response tokens count in the loss."""
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--data_path {path!r}: no such file")
+    tokenizer, pad_id = load_tokenizer(tokenizer_path)
     records = read_records(file)
     input_ids = torch.full((len(records), length), pad_id, dtype=torch.int64)
     labels = torch.full((len(records), length), IGNORE_INDEX, dtype=torch.int64)
     for index, record in enumerate(records):
-        if not isinstance(record, dict) or not {"prompt", "response"} <= record.keys():
-            raise UsageError(f"{path}: record {index + 1} lacks \"prompt\" and \"response\"")
         prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
         response = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:

@@ -14,7 +14,9 @@ RDZV_PORT = 29500
 
 def batch_script(recipe: Recipe, nodes: int, image: str | None, time_limit: str, partition: str | None,
                  results: str) -> str:
-    if nodes < 1 or recipe.gpus % nodes:
+    if nodes < 1:
+        raise UsageError(f"--nodes {nodes}: must be at least 1")
+    if recipe.gpus % nodes:
         raise UsageError(f"--nodes {nodes}: recipe {recipe.name} has {recipe.gpus} GPUs, which must split evenly")
     per_node = recipe.gpus // nodes
     container = f" --container-image={shlex.quote(image)} --container-mounts=$PWD/{results}:/results" if image else ""

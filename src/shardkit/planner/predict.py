@@ -10,6 +10,7 @@ by the allocator's retries."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -25,18 +26,19 @@ from .hardware import REFERENCE, Hardware
 GIB = 2**30
 # An "80GB" A100 or H100 has 80 GiB (81,920 MiB): GPU vendors and nvidia-smi count in binary units.
 DEFAULT_GPU_MEMORY = 80 * GIB
-_UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
+_UNITS = {"": 2**30, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
           "tb": 2**40, "tib": 2**40}
 
 
 def parse_size(text: str, flag: str) -> int:
-    """'80GB', '80GiB', '81920MiB', '512GB' -> bytes. GB is read as GiB, as GPU vendors and nvidia-smi mean it."""
+    """'80GB', '80GiB', '81920MiB', '512GB' -> bytes. GB is read as GiB, as GPU vendors and nvidia-smi mean it;
+    a bare number is GiB too (nobody sizes a GPU in bytes; "80" is the 80 GB card), bytes need a B."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not match or match.group(2).lower() not in _UNITS:
         raise UsageError(f"{flag} {text!r}: expected a size such as 80GB, 80GiB or 81920MiB")
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
-    if value <= 0:
-        raise UsageError(f"{flag} {text!r}: must be more than 0 bytes")
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f"{flag} {text!r}: must be more than 0 bytes, and finite")
     return int(value)
 
 

@@ -18,7 +18,8 @@ def render(p: Prediction) -> str:
                      + (f" ({', '.join(x for x in (when, kind) if x)})" if when or kind else ""))
     lines.append("  activations + loss at their peak, by choice: " + "; ".join(
         f"{label} {value / GIB:.1f} GiB" for label, value in p.activation_variants().items()))
-    lines.append(f"  peak per GPU: live {p.live / GIB:.1f} GiB, with elastic {p.with_elastic / GIB:.1f} GiB")
+    lines.append(f"  peak per GPU: live {p.live / GIB:.1f} GiB, with elastic {p.with_elastic / GIB:.1f} GiB "
+                 "(elastic: all-gathers issued ahead, which the allocator takes only while the card has room)")
     lines.append(f"  => {p.summary()}")
     lines += render_time(p)
     return "\n".join(lines)

@@ -7,6 +7,14 @@ the method as the recipes do (``zero3_offload``, not ``deepspeed``), adds ``run.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from ..errors import UsageError
+from ..spec.paths import read_text
 from . import metrics
 from .failure import Failure
 from .record import Recorder
@@ -96,3 +104,79 @@ def with_failure(document: dict, failure: Failure) -> dict:
     """The same run, ended by ``failure`` instead: what it recorded (steps, losses, peaks) is kept."""
     return {**document, "status": failure.status, "exit_code": STATUS_EXIT_CODES[failure.status],
             "failure": failure.to_dict()}
+
+
+# What a reader of results (the diff, the report) relies on; other fields may come and go within a version.
+class _Part(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Failure(_Part):
+    message: str
+    rank: int | None = None
+    step: int | None = None
+
+
+class _Run(_Part):
+    name: str | None = None
+    world_size: int
+    probe: bool = False
+    fake_world: int | None = None
+
+
+class _Time(_Part):
+    wall_time_s: float
+    projected_full_run: dict | None = None
+
+
+class _Memory(_Part):
+    max_over_ranks: dict[str, float | None]
+
+
+class _Document(_Part):
+    status: Literal[tuple(STATUS_EXIT_CODES)]  # type: ignore[valid-type]
+    failure: _Failure | None
+    run: _Run
+    time: _Time
+    memory: _Memory
+    loss: list[float]
+    environment: dict | None = None
+
+    @model_validator(mode="after")
+    def _failure_says_why(self) -> _Document:
+        if self.status != "ok" and self.failure is None:
+            raise ValueError(f"status {self.status!r} without a failure saying what happened")
+        return self
+
+
+def read_results(path: str | Path) -> dict:
+    """A results file, checked against what its readers rely on; anything else is one line naming the file."""
+    path = Path(path)
+    try:
+        text = read_text(path)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read it ({error.strerror})") from None
+    if not text.strip():
+        raise UsageError(f"{path}: empty file, not a results document")
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); "
+                         "cut short or not a results document") from None
+    if not isinstance(document, dict):
+        raise UsageError(f"{path}: a JSON {type(document).__name__}, not a results document (an object)")
+    if document.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
+        raise UsageError(f"{path}: schema_version {document.get('schema_version')!r}; this shardkit reads "
+                         f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
+    try:
+        _Document.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        if first["type"] == "missing":
+            raise UsageError(f"{path}: {where} is missing") from None
+        shown = repr(first.get("input"))
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        message = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"{path}: {where + ' ' + shown + ': ' if where else ''}{message}") from None
+    return document

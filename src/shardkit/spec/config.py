@@ -24,7 +24,8 @@ FLAG_ALIASES = {
 class TrainConfig(BaseModel):
     """Everything one run needs; one instance per run, saved as ``config.json`` beside its results."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    # inf and nan parse as floats; an infinite epoch count or learning rate is never meant.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
     # --- what to train -------------------------------------------------------------------------
     model_name_or_path: str = "tiny"
@@ -135,7 +136,7 @@ class TrainConfig(BaseModel):
     """Where results.json, config.json and checkpoints go."""
 
     run_name: str | None = None
-    """The recipe this run reproduces (its reference row for `shardkit diff`)."""
+    """The recipe this run reproduces (its reference row for shardkit diff)."""
 
     eval_strategy: Literal["no"] = "no"
     """Evaluation is not part of the table's measurements; only "no" is accepted."""

@@ -12,7 +12,7 @@ import typing
 
 from pydantic import ValidationError
 
-from ..errors import UsageError
+from ..errors import ArgumentParser, UsageError
 from .config import FLAG_ALIASES, TrainConfig, field_help
 from .resolve import Launch
 
@@ -21,18 +21,13 @@ from .resolve import Launch
 LAUNCH_FLAGS = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # argparse would print usage and exit 2
-        raise UsageError(message)
-
-
 def _is_bool(annotation) -> bool:
     is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     return annotation is bool or (is_union and bool in typing.get_args(annotation))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="shardkit.train", description="Fine-tune a LLaMA model and measure it.",
+    parser = ArgumentParser(prog="shardkit.train", description="Fine-tune a LLaMA model and measure it.",
                      allow_abbrev=False, add_help=True)
     helps = field_help()
     for name, field in TrainConfig.model_fields.items():

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UsageError
+from .paths import read_text
 
 # Published LLaMA-1 shapes (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models",
 # Table 2; intermediate sizes from the released params.json / HF configs). Vocabulary 32000, context 2048.
@@ -49,21 +50,45 @@ def resolve_model(cfg) -> ModelSpec:
     preset = preset_name(cfg.model_name_or_path)
     if preset is not None:
         hf_config = {**LLAMA1_COMMON, **PRESETS[preset], **overrides}
+        _check_heads(hf_config, overrides, f"the {preset} preset")
         return ModelSpec(preset, hf_config, None)
     path = Path(cfg.model_name_or_path)
     config_file = path / "config.json"
     if config_file.is_file():
         try:
-            hf_config = json.loads(config_file.read_text())
+            hf_config = json.loads(read_text(config_file))
         except json.JSONDecodeError as error:
             raise UsageError(f"{config_file}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
+        if not isinstance(hf_config, dict):
+            raise UsageError(f"{config_file}: a JSON {type(hf_config).__name__}, not a model configuration")
         if hf_config.get("model_type") != "llama":
             raise UsageError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not llama")
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-        return ModelSpec(path.name, {**hf_config, **overrides}, str(path) if has_weights else None)
+        hf_config = {**hf_config, **overrides}
+        missing = [key for key in (*SHAPE_OVERRIDES, "vocab_size", "max_position_embeddings") if key not in hf_config]
+        if missing:
+            raise UsageError(f"{config_file}: no {', '.join(missing)}")
+        _check_heads(hf_config, overrides, str(config_file))
+        return ModelSpec(path.name, hf_config, str(path) if has_weights else None)
     known = ", ".join(PRESETS)
     raise UsageError(f"--model_name_or_path {cfg.model_name_or_path!r}: not a preset ({known}, or the seed's "
                      "decapoda-research/llama-*-hf names) nor a local folder with config.json; nothing is downloaded")
+
+
+def _check_heads(hf_config: dict, overrides: dict, source: str) -> None:
+    """The attention shapes transformers' LLaMA needs; without these checks the ranks fail on a reshape."""
+    hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    named = [f"--{k} {overrides[k]}" for k in ("hidden_size", "num_attention_heads") if k in overrides]
+    where = " with ".join(named) + f" ({source})" if named else source
+    head_dim = hf_config.get("head_dim")
+    if not head_dim and hidden % heads:
+        raise UsageError(f"{where}: hidden size {hidden} is not a multiple of the {heads} attention heads")
+    head_dim = head_dim or hidden // heads
+    if head_dim % 2:
+        raise UsageError(f"{where}: head size {head_dim} is odd; rotary position embeddings need an even one")
+    if heads % kv_heads:
+        raise UsageError(f"{where}: {heads} attention heads do not split into {kv_heads} key-value heads")
 
 
 def parameter_counts(hf_config: dict) -> dict[str, int]:

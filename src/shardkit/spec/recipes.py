@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import UsageError
 from .parallelism import NAMES, Parallelism
+from .paths import read_text
+from .presets import LLAMA1_COMMON, PRESETS, parameter_counts, preset_name
 
 # The repository's recipes/ (an image sets SHARDKIT_RECIPES to where it copied them).
 RECIPES_DIR = Path(os.environ.get("SHARDKIT_RECIPES", Path(__file__).resolve().parents[3] / "recipes"))
@@ -19,6 +21,9 @@ RECIPES_DIR = Path(os.environ.get("SHARDKIT_RECIPES", Path(__file__).resolve().p
 # offloaded to pinned CPU memory) and the same without offload.
 DEEPSPEED_CONFIGS = {False: "configs/zero3_no_offload.json", True: "configs/deepspeed_config.json"}
 _LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
+# The table rows' file names: model_method_Ngpu_bsB[_nockpt] (tiny recipes count CPU ranks: Ncpu).
+_NAME = re.compile(r"^(?P<model>[a-z0-9.-]+)_(?P<method>[a-z0-9-]+)_(?P<gpus>\d+)(?:gpu|cpu)_bs(?P<batch>\d+)"
+                   r"(?P<nockpt>_nockpt)?$")
 
 Method = Literal[NAMES]  # type: ignore[valid-type]
 
@@ -27,10 +32,11 @@ class Recipe(BaseModel):
     """One row of the table. Keys are the env file's, lower-cased; defaults are the values the table leaves
     out, each with where it comes from."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
     name: str
-    """The file name without .env: model_method_Ngpu_bsB[_nockpt]."""
+    """The file name without .env: model_method_Ngpu_bsB[_nockpt]. A name of that shape must agree with the
+    values (a file named for 8 GPUs that says GPUS=4 is refused)."""
 
     model: str
     """Model preset or the seed's hub name (decapoda-research/llama-30b-hf)."""
@@ -122,7 +128,7 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
     values: dict[str, str] = {}
     description = []
     lines: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(read_text(path).splitlines(), start=1):
         line = raw.strip()
         if not line:
             continue
@@ -141,16 +147,52 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
         values[key] = match.group(2).strip().strip('"').strip("'")
         lines[key] = number
     try:
-        return Recipe(name=path.stem, description=" ".join(description), **values)
+        recipe = Recipe(name=path.stem, description=" ".join(description), **values)
     except ValidationError as error:
         first = error.errors()[0]
         key = str(first["loc"][0]) if first["loc"] else ""
         where = f"{path}:{lines[key]}" if key in lines else str(path)
         raise UsageError(f"{where}: {key.upper()} {first.get('input')!r}: {first['msg']}") from None
+    _check_name(recipe, path, lines)
+    return recipe
+
+
+def _name_parts(name: str) -> dict | None:
+    """What a table-row-style name says (model, method, ranks, batch, checkpointing), or None for another name."""
+    match = _NAME.match(name)
+    if not match or match["method"].replace("-", "_") not in NAMES:
+        return None
+    return {"model": preset_name(match["model"]) or match["model"], "method": match["method"].replace("-", "_"),
+            "gpus": int(match["gpus"]), "batch": int(match["batch"]), "grad_ckpt": not match["nockpt"]}
+
+
+def _check_name(recipe: Recipe, path: Path, lines: dict[str, int]) -> None:
+    """A file named like a table row must hold that row: a name that says 8 GPUs over GPUS=4 would put the
+    results, the verdict and the reference row of one configuration on another."""
+    said = _name_parts(recipe.name)
+    if said is None:
+        return
+    holds = {"model": preset_name(recipe.model) or recipe.model, "method": recipe.method, "gpus": recipe.gpus,
+             "batch": recipe.batch, "grad_ckpt": recipe.grad_ckpt}
+    for key, value in said.items():
+        if holds[key] != value:
+            where = f"{path}:{lines[key]}" if key in lines else str(path)
+            raise UsageError(f"{where}: {key.upper()}={getattr(recipe, key)} contradicts the file name {recipe.name} "
+                             f"(which says {value}); rename the file or fix the value")
 
 
 def all_names(folder: Path = RECIPES_DIR) -> list[str]:
-    return sorted(p.stem for p in folder.glob("*.env"))
+    """Recipe names by model size, then GPUs, then batch (then method, checkpointing before none); names not
+    shaped like a table row's come last, alphabetically."""
+    return sorted((p.stem for p in folder.glob("*.env")), key=_natural_order)
+
+
+def _natural_order(name: str) -> tuple:
+    parts = _name_parts(name)
+    if parts is None or parts["model"] not in PRESETS:
+        return (1, name)
+    size = parameter_counts({**LLAMA1_COMMON, **PRESETS[parts["model"]]})["total"]
+    return (0, size, parts["gpus"], parts["batch"], NAMES.index(parts["method"]), not parts["grad_ckpt"], name)
 
 
 def seed_argv(recipe: Recipe, output_dir: str, folder: Path = RECIPES_DIR) -> list[str]:

@@ -15,7 +15,9 @@ from .config import TrainConfig
 from .datasets import check_data_source, read_records
 from .deepspeed_config import resolve_deepspeed_config
 from .parallelism import Parallelism, deepspeed_offload
+from .paths import folder_problem
 from .presets import ModelSpec, parameter_counts, resolve_model
+from .resume import check_resume
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,10 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
     world_size = _world(cfg, launch, torchrun_world)
     model = resolve_model(cfg)
     check_data_source(cfg)
+    problem = folder_problem(cfg.output_dir)
+    if problem:
+        raise UsageError(f"--output_dir {cfg.output_dir!r}: {problem}")
+    check_resume(cfg.resume_from_checkpoint, cfg.output_dir, cfg.engine)
     deepspeed_json = None
     if cfg.deepspeed:
         from .deepspeed_config import load_deepspeed_json

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..results import metrics
-from ..results.document import READABLE_SCHEMA_VERSIONS, RESULTS_FILE
-from ..results.files import read_json
+from ..results.document import RESULTS_FILE, read_results
 from ..spec.reference import BYTES_PER_TABLE_GB, REFERENCE_GPU, REFERENCE_GPU_MEMORY_GB, ReferenceRow
 
 # Rows printed within 5% of the card (78-81 GB on an 80 GiB A100) are at capacity: the caching allocator
@@ -46,18 +45,34 @@ class Verdict:
         return asdict(self)
 
 
+def results_files(paths: list[str | Path]) -> list[Path]:
+    """The results files named, and every results.json in or below the folders named."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.rglob(RESULTS_FILE))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise UsageError(f"{path}: no such file or folder")
+    return files
+
+
 def load_results(paths: list[str | Path]) -> dict[str, dict]:
-    """Results files or run folders -> {recipe name: results}; a run without a name is keyed by its folder."""
-    found = {}
+    """Results files or run folders (a folder without results is a row that did not run) -> {recipe name:
+    results}; a run without a name is keyed by its folder. Two results for one recipe are refused: which one
+    the verdict is about would be left to the order of the paths."""
+    found, sources = {}, {}
     for path in map(Path, paths):
         file = path / RESULTS_FILE if path.is_dir() else path
         if not file.is_file():
             continue
-        document = read_json(file)
-        if document.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
-            raise UsageError(f"{file}: schema_version {document.get('schema_version')!r}; this shardkit reads "
-                             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
-        found[document["run"].get("name") or file.parent.name] = document
+        document = read_results(file)
+        name = document["run"].get("name") or file.parent.name
+        if name in found:
+            raise UsageError(f"{file}: a second result for {name} (the first: {sources[name]}); diff the folder of "
+                             "one of them")
+        found[name], sources[name] = document, file
     return found
 
 

@@ -60,6 +60,11 @@ def csv_text(table: list[dict]) -> str:
     return buffer.getvalue()
 
 
+def verdicts_document(verdicts: list[Verdict]) -> dict:
+    """verdicts.json, and what diff --json prints."""
+    return {"verdicts": [v.to_dict() for v in verdicts]}
+
+
 def figure(verdicts: list[Verdict], path: Path) -> None:
     """Two panels, one bar pair per row: memory (GB) and time (hours), reference beside measured."""
     import matplotlib
@@ -112,7 +117,7 @@ def write(verdicts: list[Verdict], folder: Path) -> dict[str, Path]:
     paths = {"markdown": folder / "report.md", "csv": folder / "report.csv", "json": folder / "verdicts.json"}
     write_text_atomic(paths["markdown"], markdown(table))
     write_text_atomic(paths["csv"], csv_text(table))
-    write_json_atomic(paths["json"], {"verdicts": [v.to_dict() for v in verdicts]})
+    write_json_atomic(paths["json"], verdicts_document(verdicts))
     table_rows = [v for v in verdicts if "loss" not in v.reference]
     curve_rows = [v for v in verdicts if "loss" in v.reference]
     if table_rows:
