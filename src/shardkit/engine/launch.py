@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import EXIT_USAGE
 from ..results import document as results
 from ..results.failure import Failure
 from ..results.files import read_json, write_json_atomic
@@ -147,6 +148,8 @@ def finish(run: ResolvedRun, started: float, ended: list[tuple[int, int]], oom_k
     rank could write (killed), write the cause instead, keeping what the run recorded."""
     path = Path(run.config.output_dir) / results.RESULTS_FILE
     document = read_json(path) if path.is_file() else None
+    if document is None and any(code == EXIT_USAGE for _, code in ended):
+        return EXIT_USAGE  # a rank found bad input and said so in one line: no run to record
     recorded = (document or {}).get("failure") or {}
     consequence = recorded.get("caused_by_peer") or (recorded.get("kind") == "interrupted" and not interrupted)
     if ended and (document is None or consequence):

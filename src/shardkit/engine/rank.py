@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from ..errors import EXIT_USAGE, UsageError
 from ..results import document as results
 from ..results.failure import Failure
 from ..results.files import read_json, write_json_atomic
@@ -250,7 +251,12 @@ def _claim_first_failure(output: Path) -> bool:
 
 def fail(state: RankState, error: BaseException) -> int:
     """This rank's failure as the run's result, with its peaks up to the failure (a CUDA OOM's reserved
-    memory is the interesting figure), unless another rank failed first; returns the exit code."""
+    memory is the interesting figure), unless another rank failed first; returns the exit code. Bad input
+    that only a rank could find is what it is everywhere: one line, exit code 2, no results."""
+    if isinstance(error, UsageError):
+        if _claim_first_failure(state.output):
+            print(f"shardkit: error: {error}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
     failure: Failure = classify(error, state.rank, state.recorder.current_step)
     log = state.output / f"error-rank{state.rank}.log"
     state.output.mkdir(parents=True, exist_ok=True)
