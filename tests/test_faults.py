@@ -50,13 +50,12 @@ def wait_for_steps(out: Path, process: subprocess.Popen, steps: int = 3, limit: 
 
 
 def ended_within(process: subprocess.Popen, seconds: float) -> tuple[int, str]:
-    started = time.monotonic()
     try:
         _, stderr = process.communicate(timeout=seconds)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         raise AssertionError(f"still running {seconds} s after the fault") from None
-    return process.returncode, stderr if time.monotonic() - started <= seconds else ""
+    return process.returncode, stderr
 
 
 def alive(pid: int) -> bool:
@@ -74,14 +73,21 @@ def assert_no_process_left(pids, within: float = 20) -> None:
     assert not [pid for pid in pids if alive(pid)], "ranks outlived their run"
 
 
-def test_kill_9_of_one_rank_names_it_and_keeps_the_steps(tmp_path):
+def run_with_fault(tmp_path, fault, within: float) -> tuple[int, str, dict]:
+    """A long 2-rank run, hit by ``fault(launcher, {rank: pid})`` once both ranks finished 3 steps; returns
+    its exit code, its stderr and its results, after checking that it ended within the bound and left no
+    rank behind."""
     out = tmp_path / "run"
     launcher = start(tiny(out, "fsdp", *LONG))
     beats = wait_for_steps(out, launcher)
-    os.kill(beats[1][1], signal.SIGKILL)
-    code, stderr = ended_within(launcher, 60)
+    fault(launcher, {rank: pid for rank, (_, pid) in beats.items()})
+    code, stderr = ended_within(launcher, within)
     assert_no_process_left([pid for _, pid in beats.values()])
-    doc = results_of(out)
+    return code, stderr, results_of(out)
+
+
+def test_kill_9_of_one_rank_names_it_and_keeps_the_steps(tmp_path):
+    code, stderr, doc = run_with_fault(tmp_path, lambda launcher, ranks: os.kill(ranks[1], signal.SIGKILL), 60)
     assert code == 137 and doc["status"] == "killed" and doc["exit_code"] == 137
     failure = doc["failure"]
     assert failure["rank"] == 1 and "SIGKILL" in failure["message"]
@@ -90,40 +96,22 @@ def test_kill_9_of_one_rank_names_it_and_keeps_the_steps(tmp_path):
 
 
 def test_kill_9_of_the_launcher_ends_its_ranks_with_a_result(tmp_path):
-    out = tmp_path / "run"
-    launcher = start(tiny(out, "fsdp", *LONG))
-    beats = wait_for_steps(out, launcher)
-    os.kill(launcher.pid, signal.SIGKILL)
-    launcher.wait(timeout=10)
-    assert_no_process_left([pid for _, pid in beats.values()])
-    doc = results_of(out)
+    _, _, doc = run_with_fault(tmp_path, lambda launcher, ranks: os.kill(launcher.pid, signal.SIGKILL), 10)
     assert doc["status"] == "interrupted" and "its launcher is gone" in doc["failure"]["message"]
     assert len(doc["loss"]) >= 3
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_and_sigterm_record_an_interrupted_run_with_its_steps(tmp_path, sig):
-    out = tmp_path / "run"
-    launcher = start(tiny(out, "fsdp", *LONG))
-    beats = wait_for_steps(out, launcher)
-    os.kill(launcher.pid, sig)
-    code, stderr = ended_within(launcher, 60)
-    assert_no_process_left([pid for _, pid in beats.values()])
-    doc = results_of(out)
+    code, stderr, doc = run_with_fault(tmp_path, lambda launcher, ranks: os.kill(launcher.pid, sig), 60)
     assert code == 130 and doc["status"] == "interrupted" and doc["exit_code"] == 130
     assert len(doc["loss"]) >= 3 and doc["failure"]["message"].startswith(("SIGINT", "SIGTERM"))
     assert "Traceback" not in stderr
 
 
 def test_a_stopped_rank_is_named_within_the_collective_timeout(tmp_path):
-    out = tmp_path / "run"
-    launcher = start(tiny(out, "fsdp", *LONG))
-    beats = wait_for_steps(out, launcher)
-    os.kill(beats[1][1], signal.SIGSTOP)
     # 10 s of collective timeout, then up to 30 s for the agent's SIGTERM to go unanswered before SIGKILL.
-    code, _ = ended_within(launcher, 90)
-    assert_no_process_left([pid for _, pid in beats.values()])
-    doc = results_of(out)
+    code, _, doc = run_with_fault(tmp_path, lambda launcher, ranks: os.kill(ranks[1], signal.SIGSTOP), 90)
     assert code == 124 and doc["status"] == "timeout"
     assert doc["failure"]["rank"] == 1 and "stalled" in doc["failure"]["message"]
 
