@@ -307,24 +307,16 @@ def probe_environment() -> dict:
 def build_ops() -> None:
     """Run as a child, in the background from the start: JIT-compile the DeepSpeed ops the runs will load, so
     that the compile overlaps the first stages; runs that need an op meanwhile wait on its lock."""
-    from deepspeed.accelerator import get_accelerator
+    from shardkit.engine.deepspeed_ops import build_ops, op_names
 
     # Stopped mid-compile, torch's extension loader must still remove its lock file (it does in a finally);
     # a lock left behind makes every later load of that op wait forever.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    # ZeRO-3's optimizer (FusedAdam) and the offload rows' (CPU Adam); on CPU also the shared-memory comm.
-    names = ["FusedAdamBuilder", "CPUAdamBuilder"]
-    if get_accelerator()._name == "cpu":
-        names.append("ShareMemCommBuilder")
-    for name in names:
-        began = time.monotonic()
-        builder = get_accelerator().create_op_builder(name)
-        if builder is None or not builder.is_compatible():
-            print(json.dumps({"op": name, "status": "not available here"}), flush=True)
-            continue
-        builder.load()
-        print(json.dumps({"op": name, "status": "built", "seconds": round(time.monotonic() - began, 1)}),
-              flush=True)
+    # Under shardkit's build lock, as the launchers build: they wait for this one instead of racing it.
+    began = time.monotonic()
+    names = sorted({*op_names(offload=False), *op_names(offload=True)})
+    build_ops(names)
+    print(json.dumps({"ops": names, "status": "built", "seconds": round(time.monotonic() - began, 1)}), flush=True)
 
 
 def stage_gpu_tests(ctx: Context, stage: dict, deadline: float) -> None:
@@ -756,8 +748,7 @@ def _render_tiny(stage: dict) -> list[str]:
     out = _table(["run", "method", "engine", "world", "status", "s", "allocated MiB", "reserved MiB", "NVML MiB",
                   "host RSS MiB", "checks"], rows)
     ops = stage.get("ops_build") or {}
-    built = ", ".join(f"{o['op']} {o['status']}" + (f" ({o['seconds']} s)" if "seconds" in o else "")
-                      for o in ops.get("ops", []))
+    built = ", ".join(f"{' '.join(o['ops'])} {o['status']} ({o['seconds']} s)" for o in ops.get("ops", []))
     return out + ["", f"DeepSpeed ops built ahead: {ops.get('status', '-')}; {built or 'none'}."]
 
 

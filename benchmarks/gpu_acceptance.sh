@@ -47,10 +47,11 @@ else
   # DeepSpeed's op builder cannot parse the arch torch reports on Hopper ("9.0a"): name the card's own.
   capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${capability:-9.0}}"
-  # A compile killed by an earlier call's time limit leaves its lock, and every later load waits on it
-  # forever; nothing else compiles on this machine while this check runs.
-  find "${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}" -name lock -type f -delete 2>/dev/null
 fi
+# One build folder for the background build and every launcher: shardkit's own for this environment
+# (where a killed build's lock is removed under shardkit's build lock).
+TORCH_EXTENSIONS_DIR=$(python3 -c "from shardkit.engine.deepspeed_ops import extensions_dir; print(extensions_dir())")
+export TORCH_EXTENSIONS_DIR
 if [ -n "${GPU_ACCEPTANCE_STAGES:-}" ]; then
   args+=(--stages "$GPU_ACCEPTANCE_STAGES")
 fi

@@ -32,26 +32,32 @@ def extensions_dir() -> Path:
     return folder
 
 
-def _builders(run: ResolvedRun) -> list:
+def op_names(offload: bool) -> list[str]:
+    """The ops a ZeRO-3 run loads: its optimizer (CPU Adam with offload, fused Adam without) and, on CPU
+    ranks, DeepSpeed's shared-memory collectives."""
     from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
-    names = ["CPUAdamBuilder" if run.plan.parallelism.offload else "FusedAdamBuilder"]
-    if accelerator.device_name() == "cpu":
-        names.append("ShareMemCommBuilder")  # DeepSpeed's collectives on CPU ranks
-    return [accelerator.create_op_builder(name) for name in names]
+    names = ["CPUAdamBuilder" if offload else "FusedAdamBuilder"]
+    if get_accelerator().device_name() == "cpu":
+        names.append("ShareMemCommBuilder")
+    return names
 
 
 def prebuild(run: ResolvedRun) -> None:
     """Builds (or just loads) the ops the run's ranks will load; a no-op for FSDP."""
-    if run.plan.parallelism.kind != "zero3":
-        return
+    if run.plan.parallelism.kind == "zero3":
+        build_ops(op_names(run.plan.parallelism.offload))
+
+
+def build_ops(names: list[str]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
     folder = extensions_dir()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "shardkit-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another launcher building the same ops: wait for it
-        for builder in _builders(run):
-            if builder is None:
+        for builder in map(get_accelerator().create_op_builder, names):
+            if builder is None or not builder.is_compatible(verbose=False):
                 continue
             build = folder / builder.name
             # Holding our lock, no shardkit build is running: torch's lock left here is a killed build's.
