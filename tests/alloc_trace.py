@@ -76,10 +76,10 @@ class Recorder(TorchDispatchMode):
         return out
 
 
-def record_fsdp2_steps(model_name: str, world: int, batch: int = 1, seq: int | None = None, steps: int = 2):
-    """Events of ``steps`` training steps of rank 0 of ``world`` ranks (checkpointing, eager attention, bf16
-    compute with fp32 reduce, AdamW for-loop: the foreach path does not trace under fake tensors)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+def fake_rank_model(model_name: str, world: int):
+    """Rank 0 of ``world`` ranks of a full-size LLaMA, as shardkit's FSDP2 engine wraps it (one unit per decoder
+    layer, checkpointing, bf16 parameters with fp32 reduce), built on the meta device over a fake process
+    group; the caller materializes it (``to_empty``) inside FakeTensorMode. Returns the model and its spec."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from shardkit.engine import fsdp
@@ -88,12 +88,21 @@ def record_fsdp2_steps(model_name: str, world: int, batch: int = 1, seq: int | N
 
     name = preset_name(model_name)
     spec = ModelSpec(name, {**LLAMA1_COMMON, **PRESETS[name]}, None)
-    seq = seq or spec.hf_config["max_position_embeddings"]
     if not dist.is_initialized():
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     model = build_model(spec, "eager", 0, meta=True)
     fsdp.parallelize(model, types.SimpleNamespace(gradient_checkpointing=True, bf16=True), False,
                      torch.device("cpu"))
+    return model, spec
+
+
+def record_fsdp2_steps(model_name: str, world: int, batch: int = 1, seq: int | None = None, steps: int = 2):
+    """Events of ``steps`` training steps of rank 0 of ``world`` ranks (checkpointing, eager attention, bf16
+    compute with fp32 reduce, AdamW for-loop: the foreach path does not trace under fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    model, spec = fake_rank_model(model_name, world)
+    seq = seq or spec.hf_config["max_position_embeddings"]
     recorder = Recorder()
     original_resize = torch.UntypedStorage.resize_
     original_stream = torch.cpu.stream

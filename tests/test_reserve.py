@@ -130,24 +130,13 @@ def _tracked_peak(model_name: str, world: int = 8) -> dict:
     """FSDPMemTracker's peak snapshot, by category, of the second of two steps (the first creates the
     optimizer's states): meta build, fully_shard, to_empty in fake mode,
     for-loop AdamW (the foreach path does not trace there)."""
-    import types
-
     import torch
-    import torch.distributed as dist
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from shardkit.engine import fsdp
-    from shardkit.engine.models import build_model
-    from shardkit.spec.presets import LLAMA1_COMMON, PRESETS, ModelSpec
+    from alloc_trace import fake_rank_model
 
-    if not dist.is_initialized():
-        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
-    spec = ModelSpec(model_name, {**LLAMA1_COMMON, **PRESETS[model_name]}, None)
-    model = build_model(spec, "eager", 0, meta=True)
-    fsdp.parallelize(model, types.SimpleNamespace(gradient_checkpointing=True, bf16=True), False,
-                     torch.device("cpu"))
+    model, spec = fake_rank_model(model_name, world)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
