@@ -110,20 +110,23 @@ def test_the_measured_nvidia_smi_less_reserved_is_the_context_term():
 # Full-size traces on CPU (fake tensors, fake process group): about 25 s each on 2 cores.
 
 @pytest.mark.slow
-def test_7b_step_replayed_through_the_allocator_model():
-    """Two training steps of rank 0 of LLaMA-7B on 8 ranks, their allocations recorded in order with their
-    streams, replayed through the allocator model: its allocated peak is the planner's within 5% (the
-    planner counts every gradient shard at the backward's peak; the trace has 90% of them then), its
-    reserved lies between the planner's reserved and reserved + the stated uncertainty."""
+@pytest.mark.parametrize("model_name", ["llama-7b", "llama-13b"])
+def test_a_full_size_step_replayed_through_the_allocator_model(model_name):
+    """Two training steps of rank 0 on 8 ranks, their allocations recorded in order with their streams,
+    replayed through the allocator model: its allocated peak is the planner's within 5% (the planner counts
+    every gradient shard at the backward's peak; the trace has about 90% of them then), its reserved lies
+    between the planner's reserved and reserved + the stated uncertainty (7B: 19.7 GiB in [17.9, 20.9];
+    13B: 34.6 in [31.7, 35.8])."""
     from alloc_trace import record_fsdp2_steps
 
-    r = ca.replay([e for e in record_fsdp2_steps("llama-7b", 8) if e[0] != "mark"])
-    p = seven_b_eight()
+    r = ca.replay([e for e in record_fsdp2_steps(model_name, 8) if e[0] != "mark"])
+    p = planner.predict(planner.workload(model_name, Parallelism("fsdp", False), 8, 1, True, 1), "today")
     assert r.peak_allocated == pytest.approx(p.allocated, rel=0.05)
     assert p.reserved <= r.peak_reserved <= p.reserved + p.reserve_uncertainty
-    # And against the H100 measurement: the replay's order alone leaves reserved 13% short (the real run's
-    # CUDA kernels, cuBLAS workspaces and first-step allocations are not in the CPU trace).
-    assert r.peak_reserved < 0.9 * MEASURED_7B_8["reserved"]
+    if model_name == "llama-7b":
+        # Against the H100 measurement the replay's order alone leaves reserved 13% short: the real run's
+        # CUDA-only allocations and first-step initialization are not in the CPU trace (docs/planner.md).
+        assert r.peak_reserved < 0.9 * MEASURED_7B_8["reserved"]
 
 
 def _tracked_peak(model_name: str, world: int = 8) -> dict:
