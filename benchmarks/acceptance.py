@@ -469,10 +469,10 @@ def replay_candidates() -> tuple[list[tuple], list[dict]]:
 
 
 def _predicted(p) -> dict:
-    # The CUDA context is outside the caching allocator: torch's counters never see the planner's runtime term.
+    # The planner's three figures, named as torch and nvidia-smi name them; the CUDA context is outside the
+    # caching allocator, so only the nvidia-smi figure counts it.
     return {"fake_world": p.workload.gpus, "verdict": p.verdict, "predicted_live": p.live,
-            "predicted_allocator": p.live - sum(t.bytes for t in p.terms if t.device == "gpu" and t.group == "runtime"),
-            "predicted_nvml": p.reported}
+            "predicted_allocator": p.allocated, "predicted_reserved": p.reserved, "predicted_nvml": p.reported}
 
 
 def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
@@ -507,6 +507,7 @@ def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
         doc, p = outcome["results"], predictions[run.name]
         row = {"name": run.name, **_brief(outcome), **_predicted(p), **memory_columns(doc)}
         row["error_allocated"] = _error(row["allocated"], row["predicted_allocator"])
+        row["error_reserved"] = _error(row["reserved"], row["predicted_reserved"])
         row["error_nvml"] = _error(row["nvml"], row["predicted_nvml"])
         fake_world = ((doc or {}).get("run") or {}).get("fake_world")
         row["checks"] = {"status ok (verdict agrees)": outcome["status"] == "ok",
@@ -763,11 +764,13 @@ def _render_oom(stage: dict) -> list[str]:
 
 def _render_replays(stage: dict) -> list[str]:
     rows = [[r["name"], r["fake_world"], r["verdict"], r["status"], _gib(r["predicted_allocator"]),
-             _gib(r.get("allocated")), _pct(r.get("error_allocated"), True), _gib(r.get("reserved")),
+             _gib(r.get("allocated")), _pct(r.get("error_allocated"), True), _gib(r.get("predicted_reserved")),
+             _gib(r.get("reserved")), _pct(r.get("error_reserved"), True),
              _gib(r["predicted_nvml"]), _gib(r.get("nvml")), _pct(r.get("error_nvml"), True), _failed(r)]
             for r in stage["rows"]]
-    out = _table(["row", "ranks", "planner verdict", "status", "planner allocator GiB", "allocated GiB",
-                  "error", "reserved GiB", "planner nvidia-smi GiB", "NVML GiB", "error", "checks"], rows)
+    out = _table(["row", "ranks", "planner verdict", "status", "planner allocated GiB", "allocated GiB",
+                  "error", "planner reserved GiB", "reserved GiB", "error", "planner nvidia-smi GiB", "NVML GiB",
+                  "error", "checks"], rows)
     if stage.get("left_out"):
         out += ["", "Not replayed: " + "; ".join(f"{r['name']} ({r['why']})" for r in stage["left_out"]) + "."]
     return out

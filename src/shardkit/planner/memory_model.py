@@ -22,7 +22,7 @@ Stack = Literal["2023", "today"]
 Attention = Literal["eager", "sdpa"]
 
 GROUPS = ("parameters", "gradients", "optimizer states", "activations", "logits and loss",
-          "communication and prefetch", "runtime", "host")
+          "communication and prefetch", "caching allocator", "runtime", "host")
 STACKS: dict[str, str] = {
     "2023": "the table's stack: HF Trainer 4.28 on torch 2.0 FSDP (FlatParameter, FSDP1) or DeepSpeed 0.9 "
             "ZeRO-3, eager attention",
@@ -137,7 +137,11 @@ class Term:
     name: str
     bytes: int
     device: Literal["gpu", "host"]
-    kind: Literal["live", "elastic"]
+    # kind: "live" bytes tensors must hold at once (allocated); "elastic" bytes the allocator takes only while
+    # the card has room (2023 all-gathers issued ahead); "reserve" bytes the caching allocator keeps cached
+    # beyond live tensors (reserved, not allocated). Elastic and reserve bytes are given back when an
+    # allocation fails (the allocator frees its cached blocks and retries), so only live bytes decide OOM.
+    kind: Literal["live", "elastic", "reserve"]
     phase: Literal["layer", "loss", "load"] | None
     source: str
     pinned: bool = False
@@ -306,6 +310,35 @@ def communication_terms(w: Workload, stack: Stack) -> list[Term]:
     return terms
 
 
+def reserve_terms(w: Workload, stack: Stack) -> list[Term]:
+    """What the CUDA caching allocator reserves beyond live tensors, from its per-stream pools.
+
+    The allocator (c10/cuda/CUDACachingAllocator.cpp) returns a freed block to the pool of the stream that
+    allocated it, and only that stream can reuse it (planner/allocator.py models the rules). FSDP2's
+    foreach_all_gather allocates each unit's flat all-gather output and input inside
+    ``device_handle.stream(all_gather_copy_in_stream)``; the copy-out then copies it into per-parameter
+    tensors on the compute stream and frees it. So the copy-in stream's pool keeps, from the first step on,
+    the most it ever held at once: at the forward's start, the root unit's output and input and the first
+    layer's, prefetched: 2 (root + unit)(1 + 1/N) bytes in bf16. The live terms already count one layer
+    unit's bf16 parameters for the prefetched unit; the rest is cached. (Its reduce_output, allocated on the
+    reduce-scatter stream, becomes the sharded gradient: counted live, and reused there every step.)
+
+    The 2023 stack's FSDP1 allocates its unsharded FlatParameters on its unshard stream: that pool's
+    growth is the elastic "all-gathers issued ahead" term. DeepSpeed's pools are not modelled (docs).
+    The compute stream's own fragmentation is not a term: the planner states it as its uncertainty
+    (Prediction.reserve_uncertainty)."""
+    if w.method != "fsdp" or stack != "today":
+        return []
+    s, n = w.shape, w.gpus
+    unit, root = s.layer_params, 2 * s.embedding_params + s.hidden
+    held = 2 * (root + unit) * (1 + 1 / n)
+    return [_term("caching allocator", "all-gather copy-in stream's pool (cached)", held - 2 * unit,
+                  "FSDP2 foreach_all_gather allocates flat all-gather outputs and inputs on "
+                  "all_gather_copy_in_stream; CUDACachingAllocator keeps a pool per stream: the root's and the "
+                  "first prefetched layer's, 2 (root + unit)(1 + 1/N) in bf16, less the prefetched unit counted "
+                  "live", kind="reserve")]
+
+
 def runtime_terms() -> list[Term]:
     return [_term("runtime", "CUDA context and kernels", CUDA_CONTEXT_BYTES,
                   "transformers docs, 'Model training anatomy': the kernels alone take 1.3 GB")]
@@ -322,7 +355,7 @@ def host_terms(w: Workload, stack: Stack) -> list[Term]:
 
 def terms(w: Workload, stack: Stack) -> list[Term]:
     return [*model_state_terms(w, stack), *activation_terms(w, stack), *communication_terms(w, stack),
-            *runtime_terms(), *host_terms(w, stack)]
+            *reserve_terms(w, stack), *runtime_terms(), *host_terms(w, stack)]
 
 
 def peak(term_list: list[Term], device: str = "gpu", kinds: tuple[str, ...] = ("live",)) -> int:

@@ -101,6 +101,7 @@ class Prediction:
 
     @property
     def live(self) -> int:
+        """Bytes that must be held at once on the GPU, CUDA context included: more than the card is OOM."""
         return mm.peak(self.terms)
 
     @property
@@ -108,15 +109,66 @@ class Prediction:
         return mm.peak(self.terms, kinds=("live", "elastic"))
 
     @property
+    def context(self) -> int:
+        """The CUDA context and kernels: outside the caching allocator, seen by nvidia-smi."""
+        return sum(t.bytes for t in self.terms if t.group == "runtime" and t.device == "gpu")
+
+    @property
+    def communicator(self) -> int:
+        """NCCL's own buffers, outside the caching allocator. Not modelled (0): no sourced figure for the
+        table's NCCL; a fake process group (--fake_world) has none."""
+        return 0
+
+    @property
+    def allocated(self) -> int:
+        """torch.cuda.max_memory_allocated: the live tensors' peak, without what lives outside the allocator."""
+        return self.live - self.context - self.communicator
+
+    @property
+    def reserved(self) -> int:
+        """torch.cuda.max_memory_reserved: allocated plus what the caching allocator keeps cached (its
+        per-stream pools, and the 2023 stack's all-gathers issued ahead)."""
+        return mm.peak(self.terms, kinds=("live", "elastic", "reserve")) - self.context - self.communicator
+
+    @property
+    def nvidia_smi(self) -> int:
+        """What nvidia-smi shows at the peak: reserved + CUDA context + communicator buffers."""
+        return self.reserved + self.context + self.communicator
+
+    @property
+    def reserve_uncertainty(self) -> int:
+        """What the planner does not model of the reserve: fragmentation of the compute stream's pool. When a
+        request finds no cached block large enough (best fit, blocks split by longer-lived tensors such as
+        checkpoints or the optimizer's states), the allocator reserves a new segment of the request's size;
+        the requests that recur in every layer are the layer phase's transients, so the bound stated here is
+        one more copy of them: the layer phase's live bytes (docs/planner.md: a bound argued, not proven)."""
+        return sum(t.bytes for t in self.terms if t.device == "gpu" and t.kind == "live" and t.phase == "layer")
+
+    @property
     def verdict(self) -> str:
+        """oom when live bytes exceed the card; "at capacity" when what nvidia-smi would show comes within the
+        reserve's uncertainty of the card (the allocator may fill it and retry); else fits."""
         if self.live > self.gpu_memory:
             return "oom"
-        return "at capacity" if self.with_elastic > self.gpu_memory else "fits"
+        return "at capacity" if self.nvidia_smi + self.reserve_uncertainty > self.gpu_memory else "fits"
 
     @property
     def reported(self) -> int | None:
-        """What nvidia-smi would show at the peak: None when the run does not fit."""
-        return None if self.verdict == "oom" else min(self.with_elastic, self.gpu_memory)
+        """What nvidia-smi would show at the peak, at most the card: None when the run does not fit."""
+        return None if self.verdict == "oom" else min(self.nvidia_smi, self.gpu_memory)
+
+    @property
+    def optimizer(self) -> str:
+        """Which AdamW the prediction assumes, and so whether the step makes temporaries."""
+        w = self.workload
+        if w.method == "zero3":
+            return "DeepSpeed's AdamW on the fp32 partition (DeepSpeedCPUAdam with offload)"
+        if self.stack == "2023":
+            return "HF Trainer 4.28 adamw_hf (its own AdamW, a loop over parameters)"
+        if w.offload:
+            return "torch AdamW foreach on the host (offloaded states)"
+        return ("torch AdamW fused, shardkit's on CUDA: no step temporaries (the default foreach AdamW would "
+                "add 4 bytes x local parameters during the step)")
 
     @property
     def margin(self) -> int:
@@ -167,10 +219,12 @@ class Prediction:
         if self.verdict == "oom":
             verdict = f"OOM by {-self.margin / GIB:.1f} GiB"
         elif self.verdict == "at capacity":
-            verdict = (f"fits at capacity: live {self.live / GIB:.1f} GiB, the caching allocator fills the card "
-                       f"(margin {self.margin / GIB:.1f} GiB)")
+            verdict = (f"fits at capacity: nvidia-smi {self.nvidia_smi / GIB:.1f} GiB within the reserve's "
+                       f"uncertainty ({self.reserve_uncertainty / GIB:.1f} GiB) of the card, the caching allocator "
+                       f"may fill it (live {self.live / GIB:.1f} GiB, margin {self.margin / GIB:.1f} GiB)")
         else:
-            verdict = f"fits, margin {self.margin / GIB:.1f} GiB"
+            verdict = (f"fits, margin {self.margin / GIB:.1f} GiB (nvidia-smi {self.nvidia_smi / GIB:.1f} GiB, "
+                       f"uncertainty {self.reserve_uncertainty / GIB:.1f} GiB)")
         host = f"; host {self.host / GIB:.0f} GiB ({self.host_pinned / GIB:.0f} pinned)" if self.host else ""
         if self.host_verdict == "oom":
             host += f" > --host-mem {self.host_memory / GIB:.0f} GiB: host OOM"
@@ -187,6 +241,10 @@ class Prediction:
                          "attention": w.attention},
             "gpu_memory_bytes": self.gpu_memory, "gpu_live_bytes": self.live,
             "gpu_with_elastic_bytes": self.with_elastic, "gpu_reported_bytes": self.reported,
+            "gpu_allocated_bytes": self.allocated, "gpu_reserved_bytes": self.reserved,
+            "gpu_nvidia_smi_bytes": self.nvidia_smi, "gpu_context_bytes": self.context,
+            "gpu_communicator_bytes": self.communicator, "gpu_reserve_uncertainty_bytes": self.reserve_uncertainty,
+            "optimizer": self.optimizer,
             "verdict": self.verdict, "margin_bytes": self.margin,
             "host_bytes": self.host, "host_pinned_bytes": self.host_pinned, "host_memory_bytes": self.host_memory,
             "host_verdict": self.host_verdict,

@@ -13,13 +13,18 @@ def render(p: Prediction) -> str:
     lines = [f"{p.name or 'configuration'}  [{p.stack} stack: {mm.STACKS[p.stack]}]"]
     for t in sorted(p.terms, key=lambda t: (t.device != "gpu", mm.GROUPS.index(t.group))):
         when = {"layer": "in a layer's backward", "loss": "around the loss", "load": "while loading", None: ""}[t.phase]
-        kind = "elastic" if t.kind == "elastic" else ""
+        kind = {"elastic": "elastic", "reserve": "reserved, not allocated"}.get(t.kind, "")
         lines.append(f"  {t.device:4} {t.group:27} {t.bytes / GIB:8.2f} GiB  {t.name}"
                      + (f" ({', '.join(x for x in (when, kind) if x)})" if when or kind else ""))
     lines.append("  activations + loss at their peak, by choice: " + "; ".join(
         f"{label} {value / GIB:.1f} GiB" for label, value in p.activation_variants().items()))
-    lines.append(f"  peak per GPU: live {p.live / GIB:.1f} GiB, with elastic {p.with_elastic / GIB:.1f} GiB "
-                 "(elastic: all-gathers issued ahead, which the allocator takes only while the card has room)")
+    lines.append(f"  peak per GPU: allocated {p.allocated / GIB:.1f} GiB, reserved {p.reserved / GIB:.1f} GiB, "
+                 f"nvidia-smi {p.nvidia_smi / GIB:.1f} GiB (reserved + CUDA context {p.context / GIB:.1f} GiB + "
+                 f"communicator buffers {p.communicator / GIB:.1f} GiB, not modelled); uncertainty of the reserve "
+                 f"{p.reserve_uncertainty / GIB:.1f} GiB (fragmentation, not modelled)")
+    lines.append(f"  live {p.live / GIB:.1f} GiB decides OOM; reserved includes elastic bytes (all-gathers issued "
+                 f"ahead, {(p.with_elastic - p.live) / GIB:.1f} GiB) the allocator takes only while the card has room")
+    lines.append(f"  optimizer: {p.optimizer}")
     lines.append(f"  => {p.summary()}")
     lines += render_time(p)
     return "\n".join(lines)
