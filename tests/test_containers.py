@@ -110,8 +110,9 @@ def test_container_killed_for_memory_is_an_oom_result(engine, image, recipe_dir,
 
 def test_time_limit_kills_and_removes_the_container(engine, image, recipe_dir, tmp_path):
     results = tmp_path / "results"
-    assert run(IMAGE, recipe_dir, "tiny_slow", results, gpus=False, timeout_s=20) == 1
-    assert result_of(results, "tiny_slow")["failure"]["message"] == "timed out after 20 s (row time limit)"
+    assert run(IMAGE, recipe_dir, "tiny_slow", results, gpus=False, timeout_s=20) == 124
+    doc = result_of(results, "tiny_slow")
+    assert doc["status"] == "timeout" and doc["failure"]["message"] == "timed out after 20 s (row time limit)"
     assert no_containers_left(engine, "tiny_slow")
 
 

@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 
 
 def config_path(run: ResolvedRun) -> Path:
-    return Path(run.config.output_dir) / results.CONFIG_FILE
+    """config.json; another node's launcher writes its own file, since the folder may be shared."""
+    node = run.launch.node_rank
+    name = results.CONFIG_FILE if node == 0 else f"config-node{node}.json"
+    return Path(run.config.output_dir) / name
 
 
 def write_config(run: ResolvedRun, launched_at: float | None = None) -> Path:
@@ -41,8 +44,9 @@ def write_config(run: ResolvedRun, launched_at: float | None = None) -> Path:
 
 def launch(run: ResolvedRun, lock: bool = True) -> int:
     """Runs the resolved run to its end and returns its exit code. ``lock``: hold the output folder's lock
-    (a campaign that already holds it for this row passes False)."""
-    if not lock:
+    (a campaign that already holds it for this row passes False). Only the first node holds it and clears
+    the folder: the other nodes' launchers may share it, as part of the same run."""
+    if not lock or run.launch.node_rank != 0:
         return _launch(run)
     with folder_lock(Path(run.config.output_dir), f"shardkit run {run.config.run_name or ''}".rstrip()):
         return _launch(run)
@@ -58,7 +62,8 @@ def _launch(run: ResolvedRun) -> int:
 
     prebuild(run)
     started = time.time()
-    clear_stale(Path(run.config.output_dir))
+    if run.launch.node_rank == 0:
+        clear_stale(Path(run.config.output_dir))
     # The agent logs each rank's ending and each signal; the run's result and its one line say it better.
     for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith("torch.distributed.elastic"):

@@ -3,6 +3,7 @@ with a time limit, its results written atomically as it finishes, finished rows 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -148,11 +149,13 @@ def run_row(row: Row, timeout_s: float | None, echo: bool = True) -> int:
     """One row in its own process group, launched from its resolved run while this process holds the row
     folder's lock; a row that outlives its limit is stopped (its ranks record the steps done) and recorded
     as a timeout."""
+    from ..engine.failures import describe_signal_death, oom_kill_count
     from ..engine.launch import write_config
 
-    with folder_lock(row.folder, f"shardkit row {row.recipe.name}"):
+    with first_node_lock(row.folder, f"shardkit row {row.recipe.name}", row.run.launch.node_rank):
         config = write_config(row.run)
         started = time.time()
+        oom_before = oom_kill_count()
         with open(row.folder / "train.log", "w") as log:
             process = subprocess.Popen([sys.executable, "-m", "shardkit.engine.launch", str(config)],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -161,6 +164,10 @@ def run_row(row: Row, timeout_s: float | None, echo: bool = True) -> int:
             reader.start()
             try:
                 code = process.wait(timeout=timeout_s)
+                if code < 0:  # the launcher itself was killed: its ranks recorded only that it is gone
+                    failure = describe_signal_death(code, None, (oom_before, oom_kill_count()))
+                    failure.message = f"the launcher was {failure.message}"
+                    code = record_failure(row, failure, started)
             except (subprocess.TimeoutExpired, KeyboardInterrupt) as stop:
                 _kill_group(process)
                 if isinstance(stop, KeyboardInterrupt):
@@ -183,6 +190,12 @@ def _kill_group(process: subprocess.Popen) -> None:
             continue
         except ProcessLookupError:
             return
+
+
+def first_node_lock(folder: Path, what: str, node_rank: int):
+    """The folder's lock, held by the first node alone: the other nodes of a multi-node row are part of the
+    same run and may share the folder."""
+    return folder_lock(folder, what) if node_rank == 0 else contextlib.nullcontext()
 
 
 def record_failure(row: Row, failure: Failure, started: float | None = None) -> int:
@@ -213,7 +226,7 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
     """Runs each row that can run here, with ``runner`` (default: a local process; ``row_runner`` gives the
     container one), holding the campaign folder's lock; returns {name: output folder} and {name: why not
     run}."""
-    with folder_lock(campaign_dir(root, probe), "shardkit reproduce"):
+    with first_node_lock(campaign_dir(root, probe), "shardkit reproduce", nodes_from_env()[1]):
         return _reproduce(names, root, probe, force, timeout_s, overrides, runner or run_row, run_predicted_oom)
 
 

@@ -226,12 +226,16 @@ def _classify_exit(row: campaign.Row, folder: Path, code: int | None, oom_killed
     """The container's ending as a result: the run's own results when it wrote them (ok, a CUDA OOM,
     an error), else written here from the exit code (the kernel's OOM kill, a timeout, a crash)."""
     if (folder / RESULTS_FILE).is_file():
-        return read_json(folder / RESULTS_FILE)["exit_code"]
+        recorded = read_json(folder / RESULTS_FILE)
+        if not oom_killed or recorded["status"] in ("ok", "oom"):
+            return recorded["exit_code"]
+        # The kernel killed a process of the container for its memory limit: whatever the ranks recorded
+        # after it (a peer gone, their launcher gone), the cause is that kill; their steps are kept.
     if oom_killed:
         failure = Failure(kind="oom", device="host", message="container killed by the kernel's OOM killer "
                                                              "(its memory limit)")
     elif code is None:
-        failure = Failure(kind="error", message=f"timed out after {timeout_s:g} s (row time limit)")
+        failure = Failure(kind="timeout", message=f"timed out after {timeout_s:g} s (row time limit)")
     elif code == 137:
         failure = Failure(kind="error", message="container killed (SIGKILL) without results")
     else:
