@@ -32,7 +32,6 @@ RUN if [ "$FLAVOUR" = cuda ]; then \
 
 FROM ${BASE_IMAGE} AS runtime
 ARG FLAVOUR
-ARG GIT_COMMIT=unknown
 ENV DEBIAN_FRONTEND=noninteractive
 RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
       && apt-get install -y --no-install-recommends python3 python3-dev g++ \
@@ -45,6 +44,8 @@ ENV PATH=/opt/venv/bin:$PATH SHARDKIT_RECIPES=/opt/shardkit/recipes SHARDKIT_FLA
 COPY recipes /opt/shardkit/recipes
 COPY pyproject.toml README.md /opt/shardkit/src/
 COPY src /opt/shardkit/src/src
+# Declared this late because a build argument that changes misses the cache of every RUN after it.
+ARG GIT_COMMIT=unknown
 ENV SHARDKIT_GIT_COMMIT=$GIT_COMMIT
 # Installed, then the image records its own versions and proves it can import the training core.
 RUN pip install --no-index --no-deps --no-build-isolation --no-cache-dir /opt/shardkit/src \

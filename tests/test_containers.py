@@ -43,7 +43,8 @@ def image(engine):
     containers.fetch_wheels("cpu")
     image_id = containers.build_image("cpu", tag=IMAGE, base=containers.LOCAL_BASE)
     assert engine.images.get(IMAGE).id == image_id
-    return image_id
+    yield image_id
+    containers.remove_image(engine, IMAGE)
 
 
 FAST = "MODEL=tiny\nMETHOD=fsdp\nGPUS=2\nBATCH=4\nGRAD_CKPT=False\nGRAD_ACCUM=1\nBF16=False\nMAX_STEPS=2\nNUM_EXAMPLES=64\nSAVE=False\n"

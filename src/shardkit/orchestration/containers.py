@@ -106,11 +106,36 @@ def build_image(flavour: str, tag: str | None = None, base: str | None = None, c
             echo.write(chunk["stream"])
             echo.flush()
         if "error" in chunk:
-            raise BuildFailed(f"docker build failed: {chunk['error'].strip()}")
+            message = chunk["error"].strip()
+            if "no space left on device" in message:
+                message += f" under the daemon's {_docker_root(connection)}: free it (docker system prune)"
+            raise BuildFailed(f"docker build failed: {message}")
         image_id = chunk.get("aux", {}).get("ID", image_id)
     if image_id is None:
         raise BuildFailed("docker build ended without an image id")
     return image_id
+
+
+def _docker_root(connection) -> str:
+    """Where the daemon keeps its layers, with the space left there when that folder is on this machine."""
+    root = connection.info().get("DockerRootDir", "root folder")
+    try:
+        return f"{root} ({shutil.disk_usage(root).free / 2**30:.1f} GiB free)"
+    except OSError:
+        return root
+
+
+def remove_image(connection, tag: str) -> None:
+    """Remove an image and the dangling layers and build cache it leaves, so repeated builds do not fill
+    the disk (a daemon on the vfs storage driver copies the whole file system for every layer)."""
+    import docker
+
+    try:
+        connection.images.remove(tag, force=True)
+    except docker.errors.ImageNotFound:
+        pass
+    connection.images.prune(filters={"dangling": True})
+    connection.api.prune_builds()
 
 
 def image_flavour(connection, image: str) -> str:
