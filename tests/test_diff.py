@@ -177,6 +177,17 @@ def test_every_table_verdict_carries_the_planners_figure(real_result):
     old["environment"]["versions"]["torch"] = "2.0.1"
     assert judge(old).predicted == {**judge(old).predicted, "stack": "2023", "verdict": "oom", "memory_gb": None}
     assert report.rows([v])[0]["predicted_memory_gb"].endswith("(today)")
+    assert report.rows([v])[0]["stack"] == "today"
+
+
+def test_a_2023_emulated_run_is_compared_with_the_2023_prediction(real_result):
+    _, result = real_result
+    emulated = as_table_row(result, ROW, memory_gb=56, hours=38 / 60 / H100_OVER_A100)
+    emulated["run"]["stack"] = "2023-emulated"  # what --stack 2023 writes (schema 3), on today's torch
+    v = judge(emulated)
+    assert v.predicted["stack"] == "2023" and v.measured["stack"] == "2023-emulated"
+    assert report.rows([v])[0]["stack"] == "2023-emulated"
+    assert report.rows([v])[0]["predicted_memory_gb"].endswith("(2023)")
 
 
 def test_exit_codes_and_strict():

@@ -268,6 +268,33 @@ def test_what_cpu_ranks_hold_matches_the_planner_exactly(tmp_path, method, args,
         assert results_of(tmp_path)["run"]["fake_world"] == 3 and len(sharding) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("args,gpus", [
+    ([], 2),
+    (["--fake_world", "7"], 7),  # 7 divides no unit: FSDP1 pads every FlatParameter to a multiple of N
+])
+def test_the_2023_stack_holds_what_the_planners_2023_terms_say(tmp_path, args, gpus):
+    """FSDP1 as HF Trainer 4.28 ran it (--stack 2023), bf16, two micro-batches per step: the flat padded
+    parameter slices, the fp32 gradient shard, Adam's states, the unsharded bf16 gradients held under
+    no_sync() and the fp32 model every rank loads before wrapping, each equal to the planner's term."""
+    command = tiny(tmp_path, "fsdp", "--stack", "2023", "--bf16", "True", "--gradient_accumulation_steps", "2",
+                   *args, ranks=1 if args else 2)
+    result = run_train(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = json.loads((tmp_path / "sharding.json").read_text())["per_rank"][0]
+    w = planner.workload("tiny", Parallelism("fsdp", False), gpus, 4, False, accumulation=2)
+    terms = by_name(planner.predict(w, "2023"))
+    local = mm.local_elements(w, "2023")
+    assert local != mm.local_elements(w, "today") or not args  # the two layouts differ where N divides no unit
+    assert sum(p["local"] for p in rank0["parameters"].values()) == local
+    assert len(rank0["parameters"]) == w.shape.layers + 1  # one FlatParameter per decoder layer, and the root
+    assert rank0["gradient_bytes"] == terms["fp32 gradient shard"].bytes
+    assert rank0["optimizer_state_bytes"] == terms["Adam exp_avg + exp_avg_sq, fp32"].bytes
+    assert rank0["unsharded_gradient_bytes"] == terms["unsharded bf16 gradients accumulated under no_sync()"].bytes
+    assert rank0["load_copy_bytes"] == terms["full fp32 model loaded by every rank before wrapping"].bytes
+    assert results_of(tmp_path)["run"]["stack"] == "2023-emulated"
+
+
 def test_search_lists_what_fits_for_30b_on_four_gpus():
     found = planner.search("llama-30b", 4, 80 * GIB)
     fitting = {(p.workload.method, p.workload.offload) for p in found if p.verdict != "oom"}

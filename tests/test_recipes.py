@@ -134,3 +134,34 @@ def test_a_row_shaped_name_must_agree_with_the_values(tmp_path, old, new, fragme
     # Any other name says nothing, so holds any values.
     (tmp_path / "my_run.env").write_text(ROW_SHAPED.replace(old, new))
     assert recipes.load_recipe("my_run", folder=tmp_path).name == "my_run"
+
+
+def test_the_seeds_deepspeed_schedule_holds_the_first_two_steps_at_lr_zero(tmp_path):
+    """Why the tiny ZeRO-3 + offload curve is flat for three logged losses and the others for two: the seed's
+    DeepSpeed config names DeepSpeed's WarmupDecayLR, whose warm-up is logarithmic over at least 2 steps
+    (max(2, warmup_num_steps)) and starts at log(1) = 0 after the step its constructor already set to the
+    minimum; HF's linear warm-up (every other recipe's) gives only the first step lr 0. Not a defect: the
+    table's ZeRO-3 rows ran the same scheduler."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupDecayLR
+
+    from shardkit.engine.optim import linear_schedule
+
+    def learning_rates(make_schedule) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule, seen = make_schedule(optimizer), []
+        for _ in range(4):
+            seen.append(optimizer.param_groups[0]["lr"])  # what this optimizer step uses
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    def resolved(name):
+        return resolve(*parse_args(recipes.seed_argv(recipes.load_recipe(name), str(tmp_path / name))))
+
+    zero = resolved("tiny_zero3-offload_2cpu_bs4").plan
+    deepspeed = learning_rates(lambda optimizer: WarmupDecayLR(optimizer, **zero.deepspeed_config["scheduler"]["params"]))
+    linear = learning_rates(lambda optimizer: linear_schedule(optimizer, resolved("tiny_fsdp_2cpu_bs4").plan))
+    assert deepspeed[:2] == [0.0, 0.0] and deepspeed[2] > 0
+    assert linear[0] == 0.0 and linear[1] > 0
+    assert "scheduler" not in resolved("tiny_zero3_2cpu_bs4").plan.deepspeed_config  # HF's linear: flat for two

@@ -49,10 +49,11 @@ def decoder_layers(model) -> list:
     return list(model.model.layers)
 
 
-def enable_checkpointing(model) -> None:
-    """Recompute every decoder layer in backward (non-reentrant, which composes with FSDP2 and ZeRO-3).
-    transformers 5 renamed the method; the old name is all that transformers 4 has."""
+def enable_checkpointing(model, reentrant: bool = False) -> None:
+    """Recompute every decoder layer in backward: non-reentrant by default, which composes with FSDP2 and
+    ZeRO-3; reentrant is what transformers 4.28 ran (torch 2.0's checkpoint default). transformers 5 renamed
+    the method; the old name is all that transformers 4 has."""
     if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})

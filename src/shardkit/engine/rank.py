@@ -59,6 +59,12 @@ def quiet_known_warnings() -> None:
                             r"is deprecated", category=FutureWarning)
     warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support on cpu",
                             category=UserWarning)
+    # FSDP1's state-dict code (--stack 2023 checkpoints) calls torch's own deprecated device lookup, per tensor.
+    warnings.filterwarnings("ignore", message="`_get_pg_default_device` will be deprecated", category=UserWarning)
+    warnings.filterwarnings("ignore", message="Multiple backends are registered with this ProcessGroup",
+                            category=UserWarning)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead and we are deprecating ShardedTensor",
+                            category=FutureWarning)
 
 
 def _gone(parent: int, wait_s: float = 0.5) -> bool:
@@ -207,7 +213,9 @@ def _summarize(holdings: dict | None) -> dict | None:
     return {"param_elements_local": sum(p["local"] for p in params),
             "param_elements_global": sum(p["global"] for p in params),
             "optimizer_state_bytes": holdings["optimizer_state_bytes"], "gradient_bytes": holdings["gradient_bytes"],
-            "master_bytes": holdings.get("master_bytes")}
+            "master_bytes": holdings.get("master_bytes"),
+            "unsharded_gradient_bytes": holdings.get("unsharded_gradient_bytes"),
+            "load_copy_bytes": holdings.get("load_copy_bytes")}
 
 
 def gather(state: RankState, holdings: dict | None) -> None:

@@ -1,6 +1,6 @@
 """The contract between the training loop and a parallel method: what the loop drives, what it reads back.
 
-FSDP2 (``fsdp.py``) and DeepSpeed ZeRO-3 (``zero3.py``) implement it; the loop (``loop.py``) knows no
+FSDP2 (``fsdp.py``), the 2023 stack's FSDP1 (``fsdp1.py``) and DeepSpeed ZeRO-3 (``zero3.py``) implement it; the loop (``loop.py``) knows no
 other. HF Trainer (``hf_trainer.py``) runs its own loop and fills the same recorder instead."""
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Strategy(Protocol):
 
     def holdings(self) -> dict:
         """What this rank holds: {"parameters": {name: {"local", "global"}}, "optimizer_state_bytes",
-        "gradient_bytes", "master_bytes"?}; the planner's exact checks read it (sharding.json)."""
+        "gradient_bytes", "master_bytes"?, "unsharded_gradient_bytes"?, "load_copy_bytes"?}; the planner's
+        exact checks read it (sharding.json)."""
 
 
 def build_strategy(run: ResolvedRun, device: torch.device) -> Strategy:
@@ -43,6 +44,10 @@ def build_strategy(run: ResolvedRun, device: torch.device) -> Strategy:
         from .zero3 import ZeroStrategy
 
         return ZeroStrategy(run, device)
+    if run.plan.stack == "2023":
+        from .fsdp1 import Fsdp1Strategy
+
+        return Fsdp1Strategy(run, device)
     from .fsdp import FsdpStrategy
 
     return FsdpStrategy(run, device)

@@ -3,7 +3,7 @@ recorded, partial runs included.
 
 The schema is documented in docs/results.md; bump SCHEMA_VERSION with any change to it. Version 2 names
 the method as the recipes do (``zero3_offload``, not ``deepspeed``), adds ``run.offload`` and the statuses
-``timeout``, ``interrupted`` and ``killed``."""
+``timeout``, ``interrupted`` and ``killed``; version 3 adds ``run.stack``."""
 
 from __future__ import annotations
 
@@ -19,13 +19,25 @@ from . import metrics
 from .failure import Failure
 from .record import Recorder
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMA_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 SHARDING_FILE = "sharding.json"
 # 124, 130 and 137 are what `timeout`, a Ctrl-C and SIGKILL give a shell command: a script can tell them apart.
 STATUS_EXIT_CODES = {"ok": 0, "error": 1, "oom": 3, "timeout": 124, "interrupted": 130, "killed": 137}
+
+
+def stack_label(plan_stack: str, versions: dict | None) -> str:
+    """Which stack produced a run: ``period`` (the table's own software: torch before 2.1, whose FSDP is
+    FSDP1 without the all-gather limit), ``2023-emulated`` (today's torch running the 2023 behaviours,
+    ``--stack 2023``) or ``today``."""
+    from packaging.version import Version
+
+    torch_version = (versions or {}).get("torch")
+    if torch_version and Version(torch_version).release < (2, 1):
+        return "period"
+    return "2023-emulated" if plan_stack == "2023" else "today"
 
 
 def _max_over_ranks(per_rank: list[dict], key: str):
@@ -74,6 +86,7 @@ def document(*, status: str, run, recorder: Recorder | None, per_rank: list[dict
         "failure": failure.to_dict() if failure else None,
         "run": {"name": cfg.run_name, "model": plan.model.name, "method": plan.parallelism.name,
                 "offload": plan.parallelism.offload, "engine": plan.engine,
+                "stack": stack_label(plan.stack, (environment or {}).get("versions")),
                 "attn_implementation": cfg.attn_implementation, "gradient_checkpointing": cfg.gradient_checkpointing,
                 "bf16": cfg.bf16, "world_size": plan.world_size, "fake_world": plan.world_size if plan.fake_world else None, "micro_batch": plan.micro_batch,
                 "gradient_accumulation_steps": plan.gradient_accumulation_steps, "global_batch": plan.global_batch,

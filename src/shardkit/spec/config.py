@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Engine = Literal["native", "hf"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+Stack = Literal["today", "2023"]
 
 # transformers renamed these after the seed was written (--evaluation_strategy fails verbatim on
 # transformers 5's HfArgumentParser); both spellings are accepted.
@@ -131,6 +132,10 @@ class TrainConfig(BaseModel):
     """native: shardkit's own loop (FSDP2 fully_shard or deepspeed.initialize); hf: HF Trainer, the stack
     the table was measured with."""
 
+    stack: Stack = "today"
+    """Which software behaviour the native engine's FSDP runs: today (FSDP2, fully_shard) or 2023 (the table's:
+    FSDP1 configured as HF Trainer 4.28 configured it on torch 2.0, on today's torch; docs/planner.md)."""
+
     # --- outputs and checkpoints ---------------------------------------------------------------
     output_dir: str = "runs/default"
     """Where results.json, config.json and checkpoints go."""
@@ -188,6 +193,9 @@ class TrainConfig(BaseModel):
         if self.fake_world and (not self.fsdp or self.engine != "native"):
             raise ValueError(f"--fake_world {self.fake_world}: only for FSDP on the native engine (DeepSpeed and "
                              "HF Trainer need real peers)")
+        if self.stack == "2023" and (not self.fsdp or self.engine != "native"):
+            raise ValueError("--stack 2023 emulates the table's FSDP1 on the native engine (--fsdp); the 2023 "
+                             "DeepSpeed and HF Trainer are the period image's")
         if self.fsdp_transformer_layer_cls_to_wrap not in (None, "LlamaDecoderLayer"):
             raise ValueError(f"--fsdp_transformer_layer_cls_to_wrap {self.fsdp_transformer_layer_cls_to_wrap!r}: "
                              "these models' decoder layer is LlamaDecoderLayer")

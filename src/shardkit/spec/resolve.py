@@ -61,6 +61,8 @@ class RunPlan:
     """Optimizer steps between checkpoints; None: no checkpoints (never in a fake world: one rank's shards)."""
     deepspeed_config: dict | None = None
     parameters: dict = field(default_factory=dict)
+    stack: str = "today"
+    """The FSDP behaviour the native engine runs: today (FSDP2) or 2023 (FSDP1 as HF Trainer 4.28 ran it)."""
 
     def to_dict(self) -> dict:
         return {**asdict(self), "method": self.parallelism.name}
@@ -149,7 +151,8 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
                    gradient_accumulation_steps=cfg.gradient_accumulation_steps, global_batch=global_batch,
                    steps_per_epoch=steps_per_epoch, full_run_steps=full_run_steps, total_steps=total_steps,
                    warmup_steps=math.ceil(cfg.warmup_ratio * total_steps),
-                   save_every=cfg.save_steps if saves else None, parameters=parameter_counts(model.hf_config))
+                   save_every=cfg.save_steps if saves else None, parameters=parameter_counts(model.hf_config),
+                   stack=cfg.stack)
     if deepspeed_json is not None:
         plan.deepspeed_config = resolve_deepspeed_config(cfg, plan, deepspeed_json)
     return ResolvedRun(cfg, plan, launch)
@@ -165,7 +168,7 @@ def dry_run_text(run: ResolvedRun) -> str:
         f"intermediate {shape['intermediate_size']}, {shape['num_attention_heads']} heads, vocab {shape['vocab_size']}",
         f"parameters   {params['total']:,} ({params['total'] / 1e9:.2f}e9), matmul {params['matmul']:,}",
         f"weights      {plan.model.weights_dir or 'random init (memory and time do not depend on values)'}",
-        f"method       {plan.parallelism.name} (engine {plan.engine}), attention {cfg.attn_implementation}, "
+        f"method       {plan.parallelism.name} (engine {plan.engine}, {plan.stack} stack), attention {cfg.attn_implementation}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, bf16 {cfg.bf16}",
         f"world size   {plan.world_size}" + (" (fake: rank 0 alone, collectives do nothing)" if plan.fake_world else ""),
         f"batch        micro {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps} x "

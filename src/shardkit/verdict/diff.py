@@ -114,11 +114,20 @@ def time_factor(result: dict) -> tuple[float | None, str]:
 
 
 def stack_of(result: dict | None) -> str:
-    """Which stack a run used, for the planner: torch before 2.1 (FSDP1, no all-gather limit) is the table's."""
-    from packaging.version import Version
+    """The planner's stack for a run, so that a run is compared with the prediction for the software it ran:
+    the period stack and the 2023 emulation are the table's (2023), the rest today's. Results before schema
+    3 have no ``run.stack``: torch before 2.1 (FSDP1, no all-gather limit) is the table's."""
+    return "today" if run_stack(result) == "today" else "2023"
 
-    torch_version = (((result or {}).get("environment") or {}).get("versions") or {}).get("torch")
-    return "2023" if torch_version and Version(torch_version).release < (2, 1) else "today"
+
+def run_stack(result: dict | None) -> str:
+    """period, 2023-emulated or today: torch's version says period (schema 3's ``run.stack`` says it too, and
+    older results have no ``run.stack``), ``run.stack`` the rest."""
+    from ..results.document import stack_label
+
+    result = result or {}
+    emulated = (result.get("run") or {}).get("stack") == "2023-emulated"
+    return stack_label("2023" if emulated else "today", (result.get("environment") or {}).get("versions"))
 
 
 def predicted(ref: ReferenceRow, result: dict | None) -> dict:
@@ -162,7 +171,7 @@ def _judge_table_row(ref: ReferenceRow, result: dict | None, tol: Tolerances, no
         return Verdict(ref.recipe, "not-run", not_run_reason, reference)
     gpu = (result.get("environment") or {}).get("gpu") or {}
     measured = {"status": result["status"], "gpu": gpu.get("name"), "gpus": result["run"]["world_size"],
-                "versions": (result.get("environment") or {}).get("versions")}
+                "versions": (result.get("environment") or {}).get("versions"), "stack": run_stack(result)}
     if result["status"] not in ("ok", "oom"):  # error, timeout, interrupted, killed: no figure to judge
         return Verdict(ref.recipe, "error", f"{result['status']}: {result['failure']['message']}", reference,
                        measured)
@@ -217,7 +226,7 @@ def judge_tiny_row(name: str, expected: dict, result: dict | None, tol: Toleranc
     time_s, time_basis = measured_time(result)
     measured = {"status": result["status"], "loss": result["loss"], "time_s": time_s, "time_basis": time_basis,
                 "gpu": ((environment.get("gpu") or {}).get("name")) or environment.get("device"),
-                "versions": environment.get("versions")}
+                "versions": environment.get("versions"), "stack": run_stack(result)}
     if result["status"] != "ok":
         return Verdict(name, "error", f"{result['status']}: {result['failure']['message']}", reference, measured)
     if len(result["loss"]) != len(expected["loss"]):

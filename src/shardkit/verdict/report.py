@@ -12,7 +12,7 @@ from .diff import Verdict
 
 COLUMNS = ["recipe", "verdict", "reference_memory", "measured_memory_gb", "predicted_memory_gb", "memory_ratio",
            "reference_time_s", "measured_time_s", "time_basis", "normalized_time_s", "predicted_time_s", "time_ratio",
-           "gpu", "torch", "reason"]
+           "gpu", "torch", "stack", "reason"]
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -41,7 +41,8 @@ def rows(verdicts: list[Verdict]) -> list[dict]:
             "measured_time_s": _fmt(m.get("time_s"), 0), "time_basis": m.get("time_basis", ""),
             "normalized_time_s": _fmt(m.get("time_s_normalized"), 0),
             "predicted_time_s": _fmt((v.predicted or {}).get("time_s"), 0), "time_ratio": _fmt(ratios.get("time")),
-            "gpu": m.get("gpu") or "", "torch": (m.get("versions") or {}).get("torch") or "", "reason": v.reason,
+            "gpu": m.get("gpu") or "", "torch": (m.get("versions") or {}).get("torch") or "",
+            "stack": m.get("stack", ""), "reason": v.reason,
         })
     return out
 
