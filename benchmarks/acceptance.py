@@ -11,6 +11,9 @@ keeps what it did:
   oom          a forced out-of-memory that must end as an oom result (exit 3) with its peaks
   replays      --fake_world replays of the FSDP rows that today's stack fits on an 80 GiB card, against the planner
   engines      the LLaMA-7B-layer-shaped model (8 layers) through both engines, FSDP and ZeRO-3
+  replays_2023 the same replays with --stack 2023 (FSDP1 as the table ran it, accumulation kept), against the
+               planner's 2023 stack and the table's figures; last, so a 7-minute run rarely reaches it: a second
+               call runs it alone (GPU_ACCEPTANCE_STAGES=replays_2023)
 
 With --rehearsal the same stages run on CPU with tiny shapes (gloo, no NVML), so that the script is known to
 work before a GPU is at hand (tests/test_gpu_acceptance.py). Every figure in the report comes from a
@@ -440,10 +443,11 @@ def _cap_address_space() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (12 * GIB, 12 * GIB))
 
 
-def replay_candidates() -> tuple[list[tuple], list[dict]]:
-    """The table's FSDP rows with today's prediction on the table's card, one optimizer step = one
-    micro-batch (FSDP2 syncs every micro-batch, so accumulation does not change a rank's peak); the rows to
-    replay, nearest the card first (where a planner error would flip a verdict), and the rows left out."""
+def replay_candidates(stack: str = "today") -> tuple[list[tuple], list[dict]]:
+    """The table's FSDP rows with the stack's prediction on the table's card; the rows to replay, nearest the
+    card first (where a planner error would flip a verdict), and the rows left out. Today's replays take one
+    micro-batch per optimizer step (FSDP2 syncs every micro-batch, so accumulation does not change a rank's
+    peak); the 2023 stack's keep the row's accumulation, whose no_sync() gradients are its largest term."""
     import psutil
 
     host = psutil.virtual_memory().total
@@ -452,8 +456,9 @@ def replay_candidates() -> tuple[list[tuple], list[dict]]:
         recipe = recipes.load_recipe(name)
         if not recipe.method.startswith("fsdp"):
             continue
-        recipe = recipe.model_copy(update={"grad_accum": 1})
-        p = planner.predict_recipe(recipe, "today", CARD)
+        if stack == "today":
+            recipe = recipe.model_copy(update={"grad_accum": 1})
+        p = planner.predict_recipe(recipe, stack, CARD)
         per_rank_host = p.host / recipe.gpus
         if p.verdict == "oom":
             left_out.append({"name": name, "why": f"predicted OOM on {CARD / GIB:.0f} GiB "
@@ -475,15 +480,17 @@ def _predicted(p) -> dict:
             "predicted_allocator": p.allocated, "predicted_reserved": p.reserved, "predicted_nvml": p.reported}
 
 
-def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
+def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "today") -> None:
     if ctx.ops_build is not None and ctx.ops_build.poll() is None:
         stage["notes"].append("The DeepSpeed ops build (a compiler, no GPU memory) was still running.")
-    chosen, left_out = replay_candidates()
+    chosen, left_out = replay_candidates(stack)
     stage["left_out"] = [{k: v for k, v in row.items() if k != "prediction"} for row in left_out]
     stage["predictions"] = {row["name"]: row["prediction"] for row in left_out}
     stage["predictions"].update({recipe.name: p.to_dict() for recipe, p in chosen})
     stage["notes"] += [f"Each process is capped at {CARD / GIB:.0f} GiB (--max_gpu_memory), the table's card; NVML "
-                       "sees the whole card, not the cap. Planner: today's stack, one micro-batch per step.",
+                       "sees the whole card, not the cap. " + ("Planner: today's stack, one micro-batch per step."
+                                                               if stack == "today" else "Planner: the 2023 stack, "
+                                                               "the row's accumulation; runs: --stack 2023."),
                        "Errors: measured allocated against the planner's live bytes less its CUDA-context term "
                        "(outside torch's allocator); NVML against the planner's nvidia-smi figure."]
     if ctx.rehearsal:
@@ -491,13 +498,16 @@ def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
         for recipe, p in chosen:
             stage["rows"].append(finish_row({"name": recipe.name, "status": "predicted only (rehearsal)",
                                              **_predicted(p), "checks": {"predicted": p.live > 0}}))
-        tiny = recipes.load_recipe(smoke.TINY[0]).model_copy(update={"grad_accum": 1})
-        chosen = [(tiny, planner.predict_recipe(tiny, "today", CARD))]
-    root = ctx.work / "runs" / "replays"
+        tiny = recipes.load_recipe(smoke.TINY[0])
+        tiny = tiny.model_copy(update={"grad_accum": 1}) if stack == "today" else tiny
+        chosen = [(tiny, planner.predict_recipe(tiny, stack, CARD))]
+    root = ctx.work / "runs" / stage["name"]
+    table = reference.load_table()
     # Two steps' worth of examples: the table's 6000 would only cost seconds of data generation per replay.
     runs = [Run(recipe.name, ["-m", "shardkit", "run", recipe.name, "--runner", "native", "--results", str(root),
-                              "--probe", "2", "--gradient_accumulation_steps", "1", "--fake_world", str(recipe.gpus),
-                              "--num_examples", str(2 * recipe.gpus * recipe.batch),
+                              "--probe", "2", "--gradient_accumulation_steps", str(recipe.accumulation),
+                              "--fake_world", str(recipe.gpus), "--stack", stack,
+                              "--num_examples", str(2 * recipe.gpus * recipe.batch * recipe.accumulation),
                               "--max_gpu_memory", f"{CARD / GIB:g}"], campaign.row_dir(root, recipe, 2))
             for recipe, _ in chosen]
     predictions = {recipe.name: p for recipe, p in chosen}
@@ -505,7 +515,8 @@ def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
     for run in runs:
         (outcome,) = run_all(ctx, stage, [run], deadline)
         doc, p = outcome["results"], predictions[run.name]
-        row = {"name": run.name, **_brief(outcome), **_predicted(p), **memory_columns(doc)}
+        row = {"name": run.name, **_brief(outcome), **_predicted(p), **memory_columns(doc),
+               "table": table[run.name].memory_printed if run.name in table else None}
         row["error_allocated"] = _error(row["allocated"], row["predicted_allocator"])
         row["error_reserved"] = _error(row["reserved"], row["predicted_reserved"])
         row["error_nvml"] = _error(row["nvml"], row["predicted_nvml"])
@@ -516,6 +527,10 @@ def stage_replays(ctx: Context, stage: dict, deadline: float) -> None:
         stage["rows"].append(finish_row(row))
         stage["results"][run.name] = doc
         ctx.save()
+
+
+def stage_replays_2023(ctx: Context, stage: dict, deadline: float) -> None:
+    stage_replays(ctx, stage, deadline, stack="2023")
 
 
 def _error(measured: int | None, predicted: int | None) -> float | None:
@@ -616,6 +631,8 @@ STAGES = [
     Stage("replays", "Fake-world replays of the table's FSDP rows against the planner", (110, 150), 30,
           stage_replays),
     Stage("engines", "LLaMA-7B-layer-shaped model through both engines", (170, 300), 90, stage_engines),
+    Stage("replays_2023", "Fake-world replays with the 2023 stack (FSDP1) against the planner and the table",
+          (300, 150), 0, stage_replays_2023),
 ]
 
 
@@ -763,12 +780,12 @@ def _render_oom(stage: dict) -> list[str]:
 
 
 def _render_replays(stage: dict) -> list[str]:
-    rows = [[r["name"], r["fake_world"], r["verdict"], r["status"], _gib(r["predicted_allocator"]),
+    rows = [[r["name"], r["fake_world"], r.get("table") or "-", r["verdict"], r["status"], _gib(r["predicted_allocator"]),
              _gib(r.get("allocated")), _pct(r.get("error_allocated"), True), _gib(r.get("predicted_reserved")),
              _gib(r.get("reserved")), _pct(r.get("error_reserved"), True),
              _gib(r["predicted_nvml"]), _gib(r.get("nvml")), _pct(r.get("error_nvml"), True), _failed(r)]
             for r in stage["rows"]]
-    out = _table(["row", "ranks", "planner verdict", "status", "planner allocated GiB", "allocated GiB",
+    out = _table(["row", "ranks", "table", "planner verdict", "status", "planner allocated GiB", "allocated GiB",
                   "error", "planner reserved GiB", "reserved GiB", "error", "planner nvidia-smi GiB", "NVML GiB",
                   "error", "checks"], rows)
     if stage.get("left_out"):
@@ -797,7 +814,8 @@ def _render_engines(stage: dict) -> list[str]:
 
 
 RENDERERS = {"environment": _render_environment, "gpu_tests": _render_gpu_tests, "tiny": _render_tiny,
-             "oom": _render_oom, "replays": _render_replays, "engines": _render_engines}
+             "oom": _render_oom, "replays": _render_replays, "engines": _render_engines,
+             "replays_2023": _render_replays}
 
 
 # --- entry point --------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,20 +127,30 @@ def test_a_full_disk_mid_run_does_not_block_the_ranks(tmp_path):
     try:
         row = subprocess.Popen([sys.executable, "-m", "shardkit", "run", "tiny_fsdp_2cpu_bs4", "--results", str(disk),
                                 "--max_steps", "400", "--num_examples", "6000"], cwd=ROOT, env=cpu_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        said = []
+        reader = threading.Thread(target=lambda: said.extend(iter(row.stderr.readline, "")), daemon=True)
+        reader.start()
         out = disk / "full" / "tiny_fsdp_2cpu_bs4"
         beats = wait_for_steps(out, row, steps=5)
         filler = disk / "filler"
-        # Until ENOSPC, in pages: the row's log then needs a page that is not there.
+        # Until ENOSPC, in pages: the row's log then needs a page that is not there. The disk stays full
+        # until the row says it stopped logging (a loaded machine takes longer to fill the log's last page).
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
-        # The log's last page takes about 70 more step lines; the ranks log about 10 a second and must go on.
-        time.sleep(15)
+        deadline = time.monotonic() + 240
+        while not any("no longer logging this row" in line for line in said):
+            assert time.monotonic() < deadline and row.poll() is None, "".join(said)[-3000:]
+            time.sleep(0.5)
         filler.unlink()
-        code, stderr = ended_within(row, 300)
+        try:
+            code = row.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(row.pid, signal.SIGKILL)
+            raise AssertionError("still running 300 s after the disk filled") from None
+        reader.join(timeout=10)
         assert_no_process_left([pid for _, pid in beats.values()])
-        assert code == 0, stderr[-3000:]
+        assert code == 0, "".join(said)[-3000:]
         assert results_of(out)["status"] == "ok" and len(results_of(out)["loss"]) == 400
-        assert "no longer logging this row" in stderr
     finally:
         subprocess.run(["umount", "-l", str(disk)])
 

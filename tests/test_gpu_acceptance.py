@@ -114,7 +114,7 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["rehearsal"] is True
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines"]
+    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines", "replays_2023"]
     assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(stages, "done")
     assert all(row["ok"] for s in stages.values() for row in s["rows"])
 
@@ -146,6 +146,15 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     replayed = stages["replays"]["results"]["tiny_fsdp_2cpu_bs4"]
     assert replayed["run"]["fake_world"] == 2 and replayed["environment"]["gpu_memory_cap_bytes"] is None
 
+    old = stages["replays_2023"]
+    considered = {r["name"] for r in old["rows"]} | {r["name"] for r in old["left_out"]}
+    assert {"llama-7b_fsdp_8gpu_bs1", "llama-13b_fsdp_4gpu_bs1"} <= considered
+    assert "llama-30b_fsdp_8gpu_bs1" in {r["name"] for r in old["left_out"]}  # the 2023 stack: OOM, as the table
+    assert all(r["table"] for r in old["rows"] if r["name"] != "tiny_fsdp_2cpu_bs4")
+    replayed_2023 = old["results"]["tiny_fsdp_2cpu_bs4"]
+    assert replayed_2023["status"] == "ok" and replayed_2023["run"]["stack"] == "2023-emulated"
+    assert replayed_2023["run"]["gradient_accumulation_steps"] == 2  # kept: the no_sync gradients need it
+
     engines = {r["name"]: r for r in stages["engines"]["rows"]}
     assert engines["fsdp.hf"]["exit_code"] == 2  # HF Trainer would run DDP on CPU: refused
     for name in ("fsdp.native", "zero3.native", "zero3.hf"):
@@ -158,4 +167,4 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
         assert f"## {s['title']}" in markdown
     assert done.stdout.rstrip().endswith(markdown.rstrip().splitlines()[-1])  # printed at the end
     with tarfile.open(out / "runs.tgz") as tar:
-        assert sum(name.endswith("/results.json") for name in tar.getnames()) == 6 + 1 + 1 + 3
+        assert sum(name.endswith("/results.json") for name in tar.getnames()) == 6 + 1 + 1 + 3 + 1

@@ -13,7 +13,7 @@ def test_model_flops_per_token_for_7b_layer_shaped_model():
     assert expected == pytest.approx(1.13e10, rel=0.01)
 
 
-def test_full_7b_run_needs_the_flops_facts_md_states():
+def test_full_7b_run_needs_the_flops_the_seeds_numbers_imply():
     # The table's arithmetic: about 4.3e10 FLOPs per token and 1.58e18 in all for 36.9M tokens.
     matmul = 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
     per_token = metrics.model_flops_per_token(matmul, 32, 4096, 2048)
@@ -41,7 +41,7 @@ def test_unknown_hardware_has_no_mfu(name):
     assert metrics.utilization(1e9, 1000.0, metrics.peak_bf16_flops(name)) is None
 
 
-def test_mfu_matches_facts_md_hf_fsdp_row():
+def test_mfu_matches_the_h100_hf_trainer_fsdp_measurement():
     # Measured with HF Trainer (FSDP) on one H100 80GB: 27,657 tokens/s at 1.13e10 FLOPs/token -> 313 TFLOP/s, 31.6% of 989.
     matmul = 8 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000
     flops = metrics.model_flops_per_token(matmul, 8, 4096, 2048)
