@@ -55,6 +55,8 @@ CARD = planner.DEFAULT_GPU_MEMORY  # the table's "80GB" cards: replays are cappe
 HOST_SHARE = 0.75
 MEMORY_KEYS = ("gpu_max_allocated_bytes", "gpu_max_reserved_bytes", "gpu_nvml_used_peak_bytes")
 TARBALL_LIMIT = 15 * MIB  # a file over 16 MiB does not come back from a GPU machine
+# The replay whose allocator history comes back (its segments and streams, for the reserve model).
+SNAPSHOT_ROW = "llama-7b_fsdp_8gpu_bs1"
 
 
 class Interrupted(BaseException):
@@ -484,6 +486,10 @@ def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "toda
     if ctx.ops_build is not None and ctx.ops_build.poll() is None:
         stage["notes"].append("The DeepSpeed ops build (a compiler, no GPU memory) was still running.")
     chosen, left_out = replay_candidates(stack)
+    if stack == "today":
+        # The row with an earlier H100 measurement first, since its allocator history is what the reserve
+        # model is checked against; then nearest the card first.
+        chosen.sort(key=lambda pair: pair[0].name != SNAPSHOT_ROW)
     stage["left_out"] = [{k: v for k, v in row.items() if k != "prediction"} for row in left_out]
     stage["predictions"] = {row["name"]: row["prediction"] for row in left_out}
     stage["predictions"].update({recipe.name: p.to_dict() for recipe, p in chosen})
@@ -510,6 +516,10 @@ def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "toda
                               "--num_examples", str(2 * recipe.gpus * recipe.batch * recipe.accumulation),
                               "--max_gpu_memory", f"{CARD / GIB:g}"], campaign.row_dir(root, recipe, 2))
             for recipe, _ in chosen]
+    snapshot_of = SNAPSHOT_ROW if stack == "today" and not ctx.rehearsal else runs[0].name
+    for run in runs:
+        if run.name == snapshot_of:  # on CPU the flag is exercised and makes nothing
+            run.argv += ["--memory_snapshot", "True"]
     predictions = {recipe.name: p for recipe, p in chosen}
     # One at a time: each replay's NVML figure must be its own.
     for run in runs:
@@ -526,7 +536,31 @@ def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "toda
                          **memory_checks(ctx, doc)}
         stage["rows"].append(finish_row(row))
         stage["results"][run.name] = doc
+        if "--memory_snapshot" in run.argv:
+            keep_snapshot(ctx, stage, run)
         ctx.save()
+
+
+def keep_snapshot(ctx: Context, stage: dict, run: Run) -> None:
+    """The replay's allocator history, compressed, beside the report when it is small enough to come back."""
+    import gzip
+
+    found = sorted(run.folder.rglob(results.MEMORY_SNAPSHOT_FILE))
+    if not found:
+        stage["notes"].append(f"{run.name}: no allocator history was written (none is made without a GPU).")
+        return
+    target = ctx.out / f"memory-snapshot-{run.name}.pickle.gz"
+    packed = gzip.compress(found[0].read_bytes(), compresslevel=6)
+    if len(packed) > TARBALL_LIMIT:
+        stage["notes"].append(f"{run.name}: allocator history {len(packed) / MIB:.1f} MiB compressed, over the "
+                              f"{TARBALL_LIMIT / MIB:.0f} MiB that comes back; kept on the GPU machine only.")
+        return
+    partial = target.with_name(target.name + ".partial")
+    partial.write_bytes(packed)
+    partial.replace(target)
+    stage["snapshot"] = {"row": run.name, "file": target.name, "bytes": len(packed)}
+    stage["notes"].append(f"{run.name}: allocator history in {target.name} ({len(packed) / MIB:.1f} MiB, "
+                          "torch memory snapshot: pytorch.org/memory_viz).")
 
 
 def stage_replays_2023(ctx: Context, stage: dict, deadline: float) -> None:

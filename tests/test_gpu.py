@@ -78,3 +78,24 @@ def test_memory_cap_refuses_allocations_past_it():
         del kept
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_allocator_history_is_a_snapshot_of_segments_streams_and_events(tmp_path):
+    import pickle
+
+    from shardkit.engine.measure import allocator_history
+
+    path = tmp_path / "memory_snapshot.pickle"
+    side = torch.cuda.Stream()
+    with allocator_history(path, torch.device("cuda", torch.cuda.current_device())):
+        kept = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+        with torch.cuda.stream(side):
+            on_side = torch.empty(32 * 2**20, dtype=torch.uint8, device="cuda")
+        del on_side
+    snapshot = pickle.loads(path.read_bytes())
+    streams = {segment["stream"] for segment in snapshot["segments"]}
+    assert len(streams) >= 2  # the side stream's block sits in a segment of its own pool
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    assert any(e["action"] == "alloc" and e["size"] == 64 * 2**20 for e in events)
+    assert not path.with_name(path.name + ".partial").exists()
+    del kept

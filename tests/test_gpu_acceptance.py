@@ -143,6 +143,7 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     assert "llama-30b_fsdp_4gpu_bs1" in {r["name"] for r in stages["replays"]["left_out"]}
     stand_in = replays["tiny_fsdp_2cpu_bs4"]
     assert stand_in["status"] == "ok" and stand_in["fake_world"] == 2
+    assert any("no allocator history was written" in note for note in stages["replays"]["notes"])
     replayed = stages["replays"]["results"]["tiny_fsdp_2cpu_bs4"]
     assert replayed["run"]["fake_world"] == 2 and replayed["environment"]["gpu_memory_cap_bytes"] is None
 

@@ -54,3 +54,13 @@ def test_steady_state_leaves_out_warmup():
     assert state["steps"] == 3 and state["median_s"] == 1.0
     assert (state["min_s"], state["max_s"]) == (0.8, 1.2)
     assert metrics.steady_state([5.0, 2.0], excluded=2) is None
+
+
+def test_a_memory_snapshot_asked_for_on_cpu_is_not_made(tmp_path):
+    """The allocator history is CUDA's: on CPU the flag changes nothing and the run is as without it."""
+    from shardkit.engine.measure import allocator_history
+
+    path = tmp_path / "memory_snapshot.pickle"
+    with allocator_history(path, __import__("torch").device("cpu")):
+        pass
+    assert not path.exists()

@@ -4,9 +4,11 @@ Importable on the 2023 stack (torch 2.0): nothing here needs a newer API."""
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 
@@ -15,6 +17,31 @@ def synchronize() -> None:
     """Wait for queued GPU work, so a host clock read after it includes that work."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+# The allocator keeps this many of its latest events: more than two optimizer steps of a 7B replay's
+# allocations and frees, and without tracebacks a few MiB once compressed.
+HISTORY_ENTRIES = 200_000
+
+
+@contextmanager
+def allocator_history(path, device):
+    """The CUDA caching allocator's own record of a run, written to ``path`` as a torch memory snapshot:
+    every segment and block with its size and stream, and the latest allocations and frees, without
+    tracebacks (pytorch.org/memory_viz reads it; so can the planner's allocator model). Nothing without a GPU
+    or without a path. Written to a temporary name and renamed: a run that dies leaves no torn snapshot."""
+    if path is None or device.type != "cuda":
+        yield
+        return
+    torch.cuda.memory._record_memory_history(enabled="all", context=None, stacks="python",
+                                             max_entries=HISTORY_ENTRIES)
+    try:
+        yield
+        partial = f"{path}.partial"
+        torch.cuda.memory._dump_snapshot(partial)
+        os.replace(partial, path)
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
 
 
 class StepClock:

@@ -199,10 +199,13 @@ def train(state: RankState, device: torch.device) -> dict | None:
         run_trainer(run, state.rank, device, dataset, state.recorder, state.memory)
         return None
     from .loop import run_loop
+    from .measure import allocator_history
     from .strategy import build_strategy
 
-    strategy = build_strategy(run, device)
-    run_loop(strategy, dataset, run, state.rank, device, state.recorder, state.memory)
+    snapshot = state.output / results.MEMORY_SNAPSHOT_FILE if run.config.memory_snapshot and state.rank == 0 else None
+    with allocator_history(snapshot, device):  # from before the model exists, so every segment is in it
+        strategy = build_strategy(run, device)
+        run_loop(strategy, dataset, run, state.rank, device, state.recorder, state.memory)
     return strategy.holdings()
 
 

@@ -24,6 +24,7 @@ READABLE_SCHEMA_VERSIONS = (1, 2, 3)
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.json"
 SHARDING_FILE = "sharding.json"
+MEMORY_SNAPSHOT_FILE = "memory_snapshot.pickle"
 # 124, 130 and 137 are what `timeout`, a Ctrl-C and SIGKILL give a shell command: a script can tell them apart.
 STATUS_EXIT_CODES = {"ok": 0, "error": 1, "oom": 3, "timeout": 124, "interrupted": 130, "killed": 137}
 

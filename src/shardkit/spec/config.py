@@ -177,6 +177,11 @@ class TrainConfig(BaseModel):
     larger card stands for a smaller one: 80 answers for the table's 80 GB cards. The caching allocator then
     raises an out-of-memory error past the cap; NVML still reports the whole card. Ignored without a GPU."""
 
+    memory_snapshot: bool = False
+    """Rank 0 writes the CUDA caching allocator's history of the run (every segment and block with its size
+    and stream, the latest allocations and frees, no tracebacks) to memory_snapshot.pickle in --output_dir,
+    for pytorch.org/memory_viz. Ignored without a GPU."""
+
     dry_run: bool = False
     """Print the resolved configuration and exit without training."""
 
