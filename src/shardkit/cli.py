@@ -229,6 +229,11 @@ def _dispatch(args, extra: list[str]) -> int:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
         row = campaign.resolve_row(recipe, folder, extra, args.probe)
+        if row.run.config.dry_run:  # what the row would run, and nothing started or written
+            from .spec.resolve import dry_run_text
+
+            print(dry_run_text(row.run))
+            return 0
         code = campaign.row_runner(args.runner, args.image, args.results)(row, args.timeout)
         result = folder / "results.json"
         print(f"results: {result}" if result.is_file() else f"no results in {folder}", file=sys.stderr)
