@@ -1,7 +1,8 @@
 """The contract between the training loop and a parallel method: what the loop drives, what it reads back.
 
-FSDP2 (``fsdp.py``), the 2023 stack's FSDP1 (``fsdp1.py``) and DeepSpeed ZeRO-3 (``zero3.py``) implement it; the loop (``loop.py``) knows no
-other. HF Trainer (``hf_trainer.py``) runs its own loop and fills the same recorder instead."""
+FSDP2 (``fsdp.py``), the 2023 stack's FSDP1 (``fsdp1.py``) and DeepSpeed ZeRO-3 (``zero3.py``) implement
+it; the loop (``loop.py``) knows no other. HF Trainer (``hf_trainer.py``) runs its own loop and fills the same
+recorder instead."""
 
 from __future__ import annotations
 
