@@ -358,3 +358,19 @@ def test_fake_world_is_refused_where_it_cannot_work(tmp_path):
     result = run_train(tiny(tmp_path, "zero3_offload", "--fake_world", "4", ranks=1))
     assert result.returncode == 2 and "--fake_world 4: only for FSDP" in result.stderr
     assert os.listdir(tmp_path) == []
+
+
+
+def test_the_2023_stack_builds_fp32_whatever_the_folders_config_says():
+    """Published LLaMA folders say torch_dtype float16, and transformers 5 builds in it; the 2023 stack loaded
+    fp32 on every rank, and so does --stack 2023 (the planner's 4 bytes x P load copy)."""
+    import torch
+
+    from shardkit.engine.models import build_model
+    from shardkit.spec.config import TrainConfig
+    from shardkit.spec.presets import ModelSpec, resolve_model
+
+    tiny = resolve_model(TrainConfig(model_name_or_path="tiny")).hf_config
+    spec = ModelSpec(name="tiny", hf_config={**tiny, "torch_dtype": "float16"}, weights_dir=None)
+    assert next(build_model(spec, "eager", 0).parameters()).dtype == torch.float16  # what the folder asks for
+    assert next(build_model(spec, "eager", 0, dtype=torch.float32).parameters()).dtype == torch.float32

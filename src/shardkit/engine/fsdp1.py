@@ -65,7 +65,7 @@ class Fsdp1Strategy(FsdpStrategy):
             raise UsageError("--stack 2023 with --fsdp offload needs a GPU: FSDP1's CPUOffload pins host memory, "
                              "which fails without an accelerator")
         self.cfg = cfg
-        model = build_model(plan.model, cfg.attn_implementation, cfg.seed)
+        model = build_model(plan.model, cfg.attn_implementation, cfg.seed, dtype=torch.float32)
         self.load_copy_bytes = sum(p.nbytes for p in model.parameters())
         if cfg.gradient_checkpointing:
             enable_checkpointing(model, reentrant=True)

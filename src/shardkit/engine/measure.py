@@ -1,6 +1,7 @@
 """Per-rank measurements: synchronized step times, peak memory (torch allocator, NVML, host RSS).
 
-Importable on the 2023 stack (torch 2.0): nothing here needs a newer API."""
+Importable on the 2023 stack (torch 2.0): nothing at import needs a newer API (``allocator_history`` does,
+when used)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ HISTORY_ENTRIES = 200_000
 def allocator_history(path, device):
     """The CUDA caching allocator's own record of a run, written to ``path`` as a torch memory snapshot:
     every segment and block with its size and stream, and the latest allocations and frees, without
-    tracebacks (pytorch.org/memory_viz reads it; so can the planner's allocator model). Nothing without a GPU
-    or without a path. Written to a temporary name and renamed: a run that dies leaves no torn snapshot."""
+    tracebacks; pytorch.org/memory_viz reads it). Nothing without a GPU or without a path. Written when the
+    run ends, an out-of-memory included (the history that matters most), to a temporary name and renamed: a
+    run killed while writing leaves no torn snapshot. Needs torch 2.1's keywords; only asked for on today's."""
     if path is None or device.type != "cuda":
         yield
         return
@@ -37,10 +39,13 @@ def allocator_history(path, device):
                                              max_entries=HISTORY_ENTRIES)
     try:
         yield
-        partial = f"{path}.partial"
-        torch.cuda.memory._dump_snapshot(partial)
-        os.replace(partial, path)
     finally:
+        try:
+            partial = f"{path}.partial"
+            torch.cuda.memory._dump_snapshot(partial)
+            os.replace(partial, path)
+        except OSError:  # a full disk must not replace the run's own ending
+            pass
         torch.cuda.memory._record_memory_history(enabled=None)
 
 

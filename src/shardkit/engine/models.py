@@ -17,11 +17,13 @@ def llama_config(spec: ModelSpec, attn_implementation: str):
     return config
 
 
-def build_model(spec: ModelSpec, attn_implementation: str, seed: int, meta: bool = False):
+def build_model(spec: ModelSpec, attn_implementation: str, seed: int, meta: bool = False, dtype=None):
     """The one model builder of every engine. ``meta``: shapes only, no storage, so a 65B model costs nothing
     until FSDP has sharded it and materialized this rank's shards. Otherwise the folder's weights, or random
     weights from ``seed``; built while a ZeRO-3 config is alive (HfDeepSpeedConfig, or HF Trainer's
-    arguments), transformers creates it inside deepspeed.zero.Init, each parameter partitioned as it is made."""
+    arguments), transformers creates it inside deepspeed.zero.Init, each parameter partitioned as it is made.
+    ``dtype``: the parameters' dtype whatever the folder's config.json says (transformers 5 otherwise takes
+    its torch_dtype, float16 for the published LLaMA folders); transformers 5's keyword."""
     import torch
     from transformers import LlamaForCausalLM
 
@@ -30,9 +32,10 @@ def build_model(spec: ModelSpec, attn_implementation: str, seed: int, meta: bool
         with torch.device("meta"):
             return LlamaForCausalLM(config)
     torch.manual_seed(seed)
+    chosen = {} if dtype is None else {"dtype": dtype}
     if spec.weights_dir:
-        return LlamaForCausalLM.from_pretrained(spec.weights_dir, config=config)
-    return LlamaForCausalLM._from_config(config)
+        return LlamaForCausalLM.from_pretrained(spec.weights_dir, config=config, **chosen)
+    return LlamaForCausalLM._from_config(config, **chosen)
 
 
 def measured_parameter_counts(model) -> dict[str, int]:

@@ -126,16 +126,14 @@ def _docker_root(connection) -> str:
 
 
 def remove_image(connection, tag: str) -> None:
-    """Remove an image and the dangling layers and build cache it leaves, so repeated builds do not fill
-    the disk (a daemon on the vfs storage driver copies the whole file system for every layer)."""
+    """Remove an image with the layers of its build that no other image shares, so repeated builds do not
+    fill the disk (a daemon on the vfs storage driver copies the whole file system for every layer)."""
     import docker
 
     try:
         connection.images.remove(tag, force=True)
     except docker.errors.ImageNotFound:
         pass
-    connection.images.prune(filters={"dangling": True})
-    connection.api.prune_builds()
 
 
 def image_flavour(connection, image: str) -> str:

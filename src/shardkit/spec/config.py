@@ -180,7 +180,7 @@ class TrainConfig(BaseModel):
     memory_snapshot: bool = False
     """Rank 0 writes the CUDA caching allocator's history of the run (every segment and block with its size
     and stream, the latest allocations and frees, no tracebacks) to memory_snapshot.pickle in --output_dir,
-    for pytorch.org/memory_viz. Ignored without a GPU."""
+    for pytorch.org/memory_viz. Native engine only; ignored without a GPU."""
 
     dry_run: bool = False
     """Print the resolved configuration and exit without training."""
@@ -198,9 +198,11 @@ class TrainConfig(BaseModel):
         if self.fake_world and (not self.fsdp or self.engine != "native"):
             raise ValueError(f"--fake_world {self.fake_world}: only for FSDP on the native engine (DeepSpeed and "
                              "HF Trainer need real peers)")
+        if self.memory_snapshot and self.engine != "native":
+            raise ValueError("--memory_snapshot records the native engine's ranks; HF Trainer's loop is its own")
         if self.stack == "2023" and (not self.fsdp or self.engine != "native"):
             raise ValueError("--stack 2023 emulates the table's FSDP1 on the native engine (--fsdp); the 2023 "
-                             "DeepSpeed and HF Trainer are the period image's")
+                             "DeepSpeed and HF Trainer need the period stack itself (torch 2.0, transformers 4.28)")
         if self.fsdp_transformer_layer_cls_to_wrap not in (None, "LlamaDecoderLayer"):
             raise ValueError(f"--fsdp_transformer_layer_cls_to_wrap {self.fsdp_transformer_layer_cls_to_wrap!r}: "
                              "these models' decoder layer is LlamaDecoderLayer")
