@@ -89,6 +89,7 @@ def die_with_launcher(parent: int) -> None:
     ask the kernel for SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), and on SIGTERM leave as an
     interrupted run with the steps done."""
     def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first one ends the run; a second must not cut it short
         raise Interrupted(signum, launcher_gone=_gone(parent))
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -304,6 +305,10 @@ def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float, launc
         dist.destroy_process_group()  # DeepSpeed's CPU comm aborts the interpreter at exit without it
         code = 0
     except BaseException as error:  # noqa: BLE001 - every failure becomes a result, then a prompt exit
+        # The launcher signals every rank once one has failed, sometimes more than once: a signal now must
+        # not interrupt the writing of this rank's result (it ended once in a traceback instead).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = fail(state, error)
     # Leave without the interpreter's teardown, which sometimes aborted a rank whose work was done and
     # written ("terminate called without an active exception": 3 of 41 two-launcher CPU runs, 0 of 40
