@@ -5,6 +5,11 @@
 #   FLAVOUR=cuda (default): NVIDIA's CUDA 13.0 devel image, torch 2.14.1 (built for CUDA 13), DeepSpeed's
 #                           CPU Adam and fused Adam ops compiled for TORCH_CUDA_ARCH_LIST at build time.
 #   FLAVOUR=cpu:            the same stages on a local Debian base (`shardkit image base`), torch 2.13.0+cpu.
+#   FLAVOUR=period:         the table's own 2023 stack for A100-class cards: CUDA 11.8 devel on Ubuntu 22.04
+#                           (Python 3.10), torch 2.0.1 (its CUDA 11.7 build, kernels up to sm_86),
+#                           transformers 4.28.1, accelerate 0.18.0, DeepSpeed 0.9.2 (ops for sm_80 and sm_86),
+#                           pydantic 1.10; HF Trainer is its engine. `shardkit image build --flavour period`
+#                           passes the BASE_IMAGE and TORCH_CUDA_ARCH_LIST below for it.
 ARG FLAVOUR=cuda
 # Tag and the digest published for it (seen pinned in more than one public Dockerfile).
 ARG BASE_IMAGE=nvidia/cuda:13.0.2-cudnn-devel-ubuntu24.04@sha256:e071e85c52ad91fc9ea24158ff5330876b2d1a5c4ac83ccc6066976835873c01
@@ -15,8 +20,8 @@ ARG FLAVOUR
 ARG TORCH_CUDA_ARCH_LIST="8.0 9.0"
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# The CUDA base has no Python; the CPU base was made with it (and g++ for DeepSpeed's CPU ops).
-RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
+# The CUDA bases have no Python; the CPU base was made with it (and g++ for DeepSpeed's CPU ops).
+RUN if [ "$FLAVOUR" != cpu ]; then apt-get update \
       && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
       && rm -rf /var/lib/apt/lists/*; fi
 RUN python3 -m venv /opt/venv
@@ -26,14 +31,15 @@ COPY build/wheels /wheels
 RUN pip install --require-hashes --no-deps -r /requirements/build.lock \
  && pip install --require-hashes -r /requirements/${FLAVOUR}.lock
 # DeepSpeed after torch, without build isolation, so that its ops are compiled against this torch.
-RUN if [ "$FLAVOUR" = cuda ]; then \
+RUN if [ "$FLAVOUR" != cpu ]; then \
       export DS_BUILD_CPU_ADAM=1 DS_BUILD_FUSED_ADAM=1 TORCH_CUDA_ARCH_LIST="$TORCH_CUDA_ARCH_LIST"; fi \
- && pip install --require-hashes --no-deps --no-build-isolation -r /requirements/deepspeed.lock
+ && if [ "$FLAVOUR" = period ]; then lock=period-deepspeed; else lock=deepspeed; fi \
+ && pip install --require-hashes --no-deps --no-build-isolation -r /requirements/$lock.lock
 
 FROM ${BASE_IMAGE} AS runtime
 ARG FLAVOUR
 ENV DEBIAN_FRONTEND=noninteractive
-RUN if [ "$FLAVOUR" = cuda ]; then apt-get update \
+RUN if [ "$FLAVOUR" != cpu ]; then apt-get update \
       && apt-get install -y --no-install-recommends python3 python3-dev g++ \
       && rm -rf /var/lib/apt/lists/*; fi
 COPY --from=build /opt/venv /opt/venv
@@ -51,7 +57,9 @@ ENV SHARDKIT_GIT_COMMIT=$GIT_COMMIT
 RUN pip install --no-index --no-deps --no-build-isolation --no-cache-dir /opt/shardkit/src \
  && pip freeze > /opt/shardkit/versions.txt && pip check \
  && if [ "$FLAVOUR" = cpu ]; then export DS_ACCELERATOR=cpu; fi \
- && python -c "import torch, transformers, deepspeed, shardkit.train, shardkit.engine.hf_trainer, shardkit.engine.fsdp; \
+ && modules="shardkit.train, shardkit.engine.hf_trainer" \
+ && if [ "$FLAVOUR" != period ]; then modules="$modules, shardkit.engine.fsdp"; fi \
+ && python -c "import torch, transformers, deepspeed, $modules; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, \
 'deepspeed', deepspeed.__version__)"
 USER shardkit

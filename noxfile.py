@@ -50,6 +50,21 @@ def smoke(session: nox.Session) -> None:
     session.run("shardkit", "smoke", *session.posargs, env={"DS_ACCELERATOR": "cpu"})
 
 
+@nox.session(python="3.10", default=False)
+def period(session: nox.Session) -> None:
+    """The period image's stack on CPU, from its hash-locked files (Python 3.10, torch 2.0.1, transformers
+    4.28.1, DeepSpeed 0.9.2, pydantic 1.10): the worker path's imports, the seed's dry runs, the refusals of
+    what needs a GPU there, and the results document (about 5 minutes, most of it the 3 GB download)."""
+    session.install("--require-hashes", "--no-deps", "-r", "requirements/build.lock")
+    session.install("--require-hashes", "-r", "requirements/period.lock")
+    session.install("--require-hashes", "--no-deps", "--no-build-isolation", "-r", "requirements/period-deepspeed.lock")
+    session.install("--no-deps", "--no-build-isolation", "-e", ".")
+    session.run("pip", "check")
+    session.install("pytest")
+    session.run("pytest", "tests/test_period.py", "tests/test_cli.py::test_seed_script_runs_as_dry_run_from_anywhere",
+                *session.posargs, env={"DS_ACCELERATOR": "cpu"})
+
+
 @nox.session(venv_backend="none", default=False)
 def reproduce(session: nox.Session) -> None:
     """Run recipes on the visible GPUs, then diff and report: -- [RECIPES] [--probe N] [--force] [--timeout S]."""
@@ -61,7 +76,7 @@ def reproduce(session: nox.Session) -> None:
 
 @nox.session(default=False)
 def build(session: nox.Session) -> None:
-    """Build the image through the Docker SDK: -- [cuda|cpu] (cpu also makes the local Debian base)."""
+    """Build the image through the Docker SDK: -- [cuda|cpu|period] (cpu also makes the local Debian base)."""
     flavour = session.posargs[0] if session.posargs else "cuda"
     install(session, extras="docker")
     session.run("shardkit", "image", "wheels", "--flavour", flavour)

@@ -104,5 +104,5 @@ def test_run_with_dry_run_prints_the_resolved_row_and_starts_nothing(tmp_path, c
     assert cli.main(["run", "tiny_fsdp_2cpu_bs4", "--results", str(tmp_path), "--dry_run", "True",
                      "--stack", "2023"]) == 0
     out = capsys.readouterr().out
-    assert "method       fsdp (engine native, 2023 stack)" in out and "world size   2" in out
+    assert "method       fsdp (engine native, 2023-emulated stack)" in out and "world size   2" in out
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("train.log"))

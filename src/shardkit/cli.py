@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write these runs as recipes/reference_tiny.json (with provenance)")
     image = sub.add_parser("image", help="make the local base image, fetch wheels, or build the image")
     image.add_argument("action", choices=["base", "wheels", "build"])
-    image.add_argument("--flavour", choices=["cuda", "cpu"], default="cuda")
+    image.add_argument("--flavour", choices=["cuda", "cpu", "period"], default="cuda",
+                       help="cuda: today's stack; cpu: the same on a local Debian base; period: the table's 2023 "
+                            "stack for A100-class cards (torch 2.0.1, transformers 4.28.1, DeepSpeed 0.9.2)")
     image.add_argument("--tag", default=None, help="image tag (default shardkit:FLAVOUR)")
     image.add_argument("--base", default=None, help="base image (the cpu flavour needs the local base)")
     slurm = sub.add_parser("slurm", help="print a Slurm batch script that runs a recipe on several nodes")

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg, launch_options = parse_args(argv)
         run = resolve(cfg, launch_options, int(os.environ.get("WORLD_SIZE", 1)) if under_torchrun else None)
-        check_engine(run)
+        check_engine(run, for_training=not cfg.dry_run)
     except UsageError as error:
         if rank == 0:
             print(f"shardkit: error: {error}", file=sys.stderr)

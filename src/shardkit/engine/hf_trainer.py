@@ -7,7 +7,9 @@ transformers renamed several of the seed's flags."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,13 +23,35 @@ if TYPE_CHECKING:
     from ..spec.resolve import ResolvedRun
 
 
+def _deepspeed_has_cpu_accelerator() -> bool:
+    """Looked up in DeepSpeed's files, not imported: importing DeepSpeed takes seconds."""
+    spec = importlib.util.find_spec("deepspeed")
+    return spec is not None and spec.origin is not None and (
+        Path(spec.origin).parent / "accelerator" / "cpu_accelerator.py").exists()
+
+
 def check_supported(plan) -> None:
-    """HF Trainer and accelerate do not shard on CPU: with --fsdp they wrap the model in DDP (distributed
-    type MULTI_CPU) without a word (seen with transformers 5 and accelerate 1.15). A DDP number must never
-    pass for an FSDP one."""
-    if plan.parallelism.kind == "fsdp" and not torch.cuda.is_available():
-        raise UsageError("--engine hf with --fsdp needs GPUs: on CPU HF Trainer silently falls back to DDP "
-                         "instead of sharding; use --engine native (FSDP2 shards on CPU) or --deepspeed")
+    """What HF Trainer cannot do without a GPU, as one line. It does not shard on CPU: with --fsdp,
+    transformers 5 with accelerate 1.15 wrap the model in DDP (distributed type MULTI_CPU) without a word,
+    and transformers 4.28 fails inside torch 2.0's FSDP, which wants CUDA (both seen); a DDP number must never
+    pass for an FSDP one. DeepSpeed 0.9 has no CPU accelerator (0.9.2 ignores DS_ACCELERATOR=cpu, seen)."""
+    if torch.cuda.is_available():
+        return
+    from ..spec.config import default_engine
+
+    alternatives = ["a GPU"]
+    if default_engine() == "native":
+        alternatives.append("--engine native (FSDP2 shards on CPU)")
+    if _deepspeed_has_cpu_accelerator():
+        alternatives.append("--deepspeed (ZeRO-3 runs on CPU)")
+    if plan.parallelism.kind == "fsdp":
+        raise UsageError("--engine hf with --fsdp needs GPUs: HF Trainer does not shard on CPU (it falls back to "
+                         f"DDP, or fails inside torch's FSDP); use {' or '.join(alternatives)}")
+    if not _deepspeed_has_cpu_accelerator():
+        import deepspeed
+
+        raise UsageError(f"--deepspeed needs GPUs with DeepSpeed {deepspeed.__version__}: it has no CPU accelerator; "
+                         f"use {' or '.join(alternatives)}")
 
 
 def training_arguments(run: ResolvedRun, device) -> dict:

@@ -107,7 +107,7 @@ def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], prob
     try:
         cfg, launch = parse_args(train_argv(recipe, folder, overrides, probe))
         run = resolve(cfg, launch)
-        check_engine(run)
+        check_engine(run, for_training=not cfg.dry_run)
         if run.plan.parallelism != recipe.parallelism:
             said = "offloads" if run.plan.parallelism.offload else "does not offload"
             raise UsageError(f"METHOD {recipe.method} contradicts {cfg.deepspeed or '--fsdp ' + cfg.fsdp!r}, which "

@@ -22,7 +22,22 @@ from . import campaign
 
 ROOT = Path(__file__).resolve().parents[3]
 IMAGE_USER_ID = 1000  # the Dockerfile's non-root user
-DEFAULT_TAGS = {"cuda": "shardkit:cuda", "cpu": "shardkit:cpu"}
+DEFAULT_TAGS = {"cuda": "shardkit:cuda", "cpu": "shardkit:cpu", "period": "shardkit:period"}
+# The period flavour's build arguments. Ubuntu 22.04's own Python is 3.10, the period's. torch 2.0.1 brings
+# its CUDA 11.7 libraries as wheels; the base's nvcc (11.8: the same major version, which is what torch 2.0's
+# extension builder requires) only compiles DeepSpeed's ops, for A100 (sm_80) and A10 / RTX 30xx (sm_86), the
+# cards that torch build has kernels for. Tag and the digest published for it (seen pinned in more than one
+# public Dockerfile).
+PERIOD_BUILD_ARGS = {
+    "BASE_IMAGE": "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
+                  "@sha256:8f9dd0d09d3ad3900357a1cf7f887888b5b74056636cd6ef03c160c3cd4b1d95",
+    "TORCH_CUDA_ARCH_LIST": "8.0 8.6",
+}
+# Each flavour's lock files, installed in this order (requirements/).
+LOCKS = {"cuda": ("build", "cuda", "deepspeed"), "cpu": ("build", "cpu", "deepspeed"),
+         "period": ("build", "period", "period-deepspeed")}
+# The Python the wheels are fetched for: the image's, not this machine's.
+WHEEL_PYTHON = {"cuda": "3.12", "period": "3.10"}
 LOCAL_BASE = "shardkit-base:bookworm"
 
 
@@ -56,12 +71,16 @@ def has_gpu_runtime(connection) -> bool:
 
 # --- images ----------------------------------------------------------------------------------------
 
+# pip matches a --platform tag exactly: the older manylinux tags a glibc 2.28 image also runs are named too.
+MANYLINUX = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
 def fetch_wheels(flavour: str, folder: Path = ROOT / "build" / "wheels") -> Path:
     """Download every locked distribution into the build context, so that the build needs no network."""
     folder.mkdir(parents=True, exist_ok=True)
-    platform = [] if flavour == "cpu" else ["--python-version", "3.12", "--platform", "manylinux_2_28_x86_64",
-                                            "--implementation", "cp"]
-    for lock in ("build", flavour, "deepspeed"):
+    platform = [] if flavour == "cpu" else ["--python-version", WHEEL_PYTHON[flavour], "--implementation", "cp",
+                                            *[arg for tag in MANYLINUX for arg in ("--platform", tag)]]
+    for lock in LOCKS[flavour]:
         subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--require-hashes",
                         "-r", str(ROOT / "requirements" / f"{lock}.lock"), "-d", str(folder), *platform], check=True)
     return folder
@@ -96,7 +115,8 @@ def build_image(flavour: str, tag: str | None = None, base: str | None = None, c
     if not (context / "build" / "wheels").is_dir():
         raise UsageError(f"{context / 'build' / 'wheels'}: no wheels; fetch them first (shardkit image wheels "
                          f"--flavour {flavour})")
-    buildargs = {"FLAVOUR": flavour, "GIT_COMMIT": git_commit() or "unknown"}
+    buildargs = {"FLAVOUR": flavour, "GIT_COMMIT": git_commit() or "unknown",
+                 **(PERIOD_BUILD_ARGS if flavour == "period" else {})}
     if base:
         buildargs["BASE_IMAGE"] = base
     image_id = None

@@ -26,7 +26,7 @@ def _update_reference(folders: dict[str, Path], found: dict[str, dict]) -> None:
         "provenance": {
             "what": "loss per optimizer step of the tiny recipes (fp32, 2 CPU ranks over gloo)",
             "command": "nox -s smoke -- --update-reference",
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": {"machine": platform.machine(), "processor": platform.processor(),
                      "cpu_count": any_run["environment"]["cpu_count"]},
             "versions": any_run["environment"]["versions"], "python": any_run["environment"]["python"],

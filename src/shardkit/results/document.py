@@ -11,10 +11,11 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel
 
 from ..errors import UsageError
 from ..spec.paths import read_text
+from ..spec.typed import OPEN, ValidationError, after_validator, problems, validate
 from . import metrics
 from .failure import Failure
 from .record import Recorder
@@ -121,8 +122,8 @@ def with_failure(document: dict, failure: Failure) -> dict:
 
 
 # What a reader of results (the diff, the report) relies on; other fields may come and go within a version.
-class _Part(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class _Part(BaseModel, **OPEN):
+    """Fields beyond those declared are kept: a reader names what it needs, a writer may add more."""
 
 
 class _Failure(_Part):
@@ -156,7 +157,7 @@ class _Document(_Part):
     loss: list[float]
     environment: dict | None = None
 
-    @model_validator(mode="after")
+    @after_validator
     def _failure_says_why(self) -> _Document:
         if self.status != "ok" and self.failure is None:
             raise ValueError(f"status {self.status!r} without a failure saying what happened")
@@ -183,14 +184,14 @@ def read_results(path: str | Path) -> dict:
         raise UsageError(f"{path}: schema_version {document.get('schema_version')!r}; this shardkit reads "
                          f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     try:
-        _Document.model_validate(document)
+        validate(_Document, document)
     except ValidationError as error:
-        first = error.errors()[0]
+        first = problems(error, document)[0]
         where = ".".join(map(str, first["loc"]))
-        if first["type"] == "missing":
+        if first["missing"]:
             raise UsageError(f"{path}: {where} is missing") from None
-        shown = repr(first.get("input"))
+        shown = repr(first["input"])
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        message = first["msg"].removeprefix("Value error, ")
+        message = first["msg"]
         raise UsageError(f"{path}: {where + ' ' + shown + ': ' if where else ''}{message}") from None
     return document

@@ -7,9 +7,12 @@ and the resolved configuration is written beside the results of every run.
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field
+
+from .typed import STRICT, after_validator, field_docstrings
 
 Engine = Literal["native", "hf"]
 AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
@@ -22,11 +25,28 @@ FLAG_ALIASES = {
 }
 
 
-class TrainConfig(BaseModel):
-    """Everything one run needs; one instance per run, saved as ``config.json`` beside its results."""
+# The native engine's FSDP2 (torch.distributed.fsdp.fully_shard and its policies) is public from torch 2.6.
+NATIVE_ENGINE_MIN_TORCH = (2, 6)
 
-    # inf and nan parse as floats; an infinite epoch count or learning rate is never meant.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
+
+def installed_torch_release() -> tuple[int, ...] | None:
+    """torch's version as numbers, read from its metadata without importing it (the parser stays fast)."""
+    from packaging.version import Version
+
+    try:
+        return Version(metadata.version("torch")).release
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def default_engine() -> Engine:
+    release = installed_torch_release()
+    return "hf" if release is not None and release < NATIVE_ENGINE_MIN_TORCH else "native"
+
+
+class TrainConfig(BaseModel, **STRICT):
+    """Everything one run needs; one instance per run, saved as ``config.json`` beside its results. Unknown
+    keys are refused, and so are inf and nan: an infinite epoch count or learning rate is never meant."""
 
     # --- what to train -------------------------------------------------------------------------
     model_name_or_path: str = "tiny"
@@ -128,9 +148,10 @@ class TrainConfig(BaseModel):
     measures one rank's memory on one device; its time, loss and communication buffers are not the real
     job's, and it writes no checkpoints (they would hold one rank's shards)."""
 
-    engine: Engine = "native"
-    """native: shardkit's own loop (FSDP2 fully_shard or deepspeed.initialize); hf: HF Trainer, the stack
-    the table was measured with."""
+    engine: Engine = Field(default_factory=default_engine)
+    """native: shardkit's own loop (FSDP2 fully_shard or deepspeed.initialize), the default where torch has
+    FSDP2; hf: HF Trainer, the stack the table was measured with, and the default on older torch (the period
+    image's 2.0.1), which only HF Trainer drives."""
 
     stack: Stack = "today"
     """Which software behaviour the native engine's FSDP runs: today (FSDP2, fully_shard) or 2023 (the table's:
@@ -185,7 +206,7 @@ class TrainConfig(BaseModel):
     dry_run: bool = False
     """Print the resolved configuration and exit without training."""
 
-    @model_validator(mode="after")
+    @after_validator
     def _check_combinations(self) -> TrainConfig:
         if self.fsdp and self.deepspeed:
             raise ValueError("--fsdp and --deepspeed are exclusive: pick one parallel method")
@@ -215,4 +236,4 @@ class TrainConfig(BaseModel):
 
 def field_help() -> dict[str, str]:
     """Each field's docstring, for ``--help``."""
-    return {name: " ".join((f.description or "").split()) for name, f in TrainConfig.model_fields.items()}
+    return field_docstrings(TrainConfig)

@@ -10,11 +10,10 @@ import argparse
 import types
 import typing
 
-from pydantic import ValidationError
-
 from ..errors import ArgumentParser, UsageError
 from .config import FLAG_ALIASES, TrainConfig, field_help
 from .resolve import Launch
+from .typed import ValidationError, field_annotations, problems
 
 # Launcher flags: how many processes to start when not already under torchrun. Not part of the training
 # configuration; they become the resolved run's Launch.
@@ -30,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="shardkit.train", description="Fine-tune a LLaMA model and measure it.",
                      allow_abbrev=False, add_help=True)
     helps = field_help()
-    for name, field in TrainConfig.model_fields.items():
+    for name, annotation in field_annotations(TrainConfig).items():
         flags = [f"--{name}"] + [f"--{old}" for old, new in FLAG_ALIASES.items() if new == name]
-        if _is_bool(field.annotation):
+        if _is_bool(annotation):
             # HF style: "--bf16 True", "--bf16 false" or a bare "--bf16".
             parser.add_argument(*flags, dest=name, nargs="?", const="true", default=None, help=helps[name])
         else:
@@ -45,12 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: ValidationError) -> str:
-    first = error.errors()[0]
-    loc = first["loc"][0] if first["loc"] else None
-    if loc is None:  # a model-level validator: its message names the flags itself
-        return first["msg"].removeprefix("Value error, ")
-    return f"--{loc} {first.get('input')!r}: {first['msg']}"
+def _one_line(error: ValidationError, values: dict) -> str:
+    first = problems(error, values)[0]
+    if not first["loc"]:  # a model-level validator: its message names the flags itself
+        return first["msg"]
+    return f"--{first['loc'][0]} {first['input']!r}: {first['msg']}"
 
 
 def make_config(values: dict) -> TrainConfig:
@@ -58,7 +56,7 @@ def make_config(values: dict) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as error:
-        raise UsageError(_one_line(error)) from None
+        raise UsageError(_one_line(error, values)) from None
 
 
 def parse_args(argv: list[str]) -> tuple[TrainConfig, Launch]:

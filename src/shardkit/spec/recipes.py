@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from ..errors import UsageError
 from .parallelism import NAMES, Parallelism
 from .paths import read_text
 from .presets import LLAMA1_COMMON, PRESETS, parameter_counts, preset_name
+from .typed import STRICT, ValidationError, field_names, problems
 
 # The repository's recipes/ (an image sets SHARDKIT_RECIPES to where it copied them).
 RECIPES_DIR = Path(os.environ.get("SHARDKIT_RECIPES", Path(__file__).resolve().parents[3] / "recipes"))
@@ -28,11 +29,9 @@ _NAME = re.compile(r"^(?P<model>[a-z0-9.-]+)_(?P<method>[a-z0-9-]+)_(?P<gpus>\d+
 Method = Literal[NAMES]  # type: ignore[valid-type]
 
 
-class Recipe(BaseModel):
+class Recipe(BaseModel, **STRICT):
     """One row of the table. Keys are the env file's, lower-cased; defaults are the values the table leaves
     out, each with where it comes from."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True, allow_inf_nan=False)
 
     name: str
     """The file name without .env: model_method_Ngpu_bsB[_nockpt]. A name of that shape must agree with the
@@ -139,9 +138,9 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
         if not match:
             raise UsageError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
         key = match.group(1).lower()
-        if key not in Recipe.model_fields or key in ("name", "description"):
-            raise UsageError(f"{path}:{number}: unknown key {match.group(1)} "
-                             f"(known: {', '.join(k.upper() for k in Recipe.model_fields if k not in ('name', 'description'))})")
+        keys = [k for k in field_names(Recipe) if k not in ("name", "description")]
+        if key not in keys:
+            raise UsageError(f"{path}:{number}: unknown key {match.group(1)} (known: {', '.join(map(str.upper, keys))})")
         if key in values:
             raise UsageError(f"{path}:{number}: {match.group(1)} given twice")
         values[key] = match.group(2).strip().strip('"').strip("'")
@@ -149,10 +148,10 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
     try:
         recipe = Recipe(name=path.stem, description=" ".join(description), **values)
     except ValidationError as error:
-        first = error.errors()[0]
+        first = problems(error, values)[0]
         key = str(first["loc"][0]) if first["loc"] else ""
         where = f"{path}:{lines[key]}" if key in lines else str(path)
-        raise UsageError(f"{where}: {key.upper()} {first.get('input')!r}: {first['msg']}") from None
+        raise UsageError(f"{where}: {key.upper()} {first['input']!r}: {first['msg']}") from None
     _check_name(recipe, path, lines)
     return recipe
 

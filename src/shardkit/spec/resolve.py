@@ -18,6 +18,7 @@ from .parallelism import Parallelism, deepspeed_offload
 from .paths import folder_problem
 from .presets import ModelSpec, parameter_counts, resolve_model
 from .resume import check_resume
+from .typed import dump
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class ResolvedRun:
     launch: Launch
 
     def to_dict(self) -> dict:
-        return {"config": self.config.model_dump(), "plan": self.plan.to_dict(), "launch": asdict(self.launch)}
+        return {"config": dump(self.config), "plan": self.plan.to_dict(), "launch": asdict(self.launch)}
 
     @classmethod
     def from_dict(cls, values: dict) -> ResolvedRun:
@@ -158,6 +159,19 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
     return ResolvedRun(cfg, plan, launch)
 
 
+def installed_stack(plan_stack: str) -> str:
+    """The stack label a run with this plan would have here (period, 2023-emulated or today)."""
+    from importlib import metadata
+
+    from ..results.document import stack_label
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = None
+    return stack_label(plan_stack, {"torch": torch_version})
+
+
 def dry_run_text(run: ResolvedRun) -> str:
     """The dry run's printout."""
     plan, cfg = run.plan, run.config
@@ -168,7 +182,7 @@ def dry_run_text(run: ResolvedRun) -> str:
         f"intermediate {shape['intermediate_size']}, {shape['num_attention_heads']} heads, vocab {shape['vocab_size']}",
         f"parameters   {params['total']:,} ({params['total'] / 1e9:.2f}e9), matmul {params['matmul']:,}",
         f"weights      {plan.model.weights_dir or 'random init (memory and time do not depend on values)'}",
-        f"method       {plan.parallelism.name} (engine {plan.engine}, {plan.stack} stack), attention {cfg.attn_implementation}, "
+        f"method       {plan.parallelism.name} (engine {plan.engine}, {installed_stack(plan.stack)} stack), attention {cfg.attn_implementation}, "
         f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, bf16 {cfg.bf16}",
         f"world size   {plan.world_size}" + (" (fake: rank 0 alone, collectives do nothing)" if plan.fake_world else ""),
         f"batch        micro {plan.micro_batch} x accumulation {plan.gradient_accumulation_steps} x "
