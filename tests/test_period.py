@@ -109,10 +109,20 @@ def test_a_gpu_the_build_cannot_run_on_is_one_line_before_the_ranks(monkeypatch)
     preflight.check_gpu_kernels()
 
 
-def test_a_results_document_of_this_stack_reads_back_and_names_it(tmp_path):
-    """The document a rank writes, from the real pieces of this stack (the resolved seed run, the environment
-    capture, the recorder): the readers accept it and it names the stack that made it."""
+def test_shardkits_measurement_inside_this_stacks_hf_trainer_makes_a_document_that_reads_back(tmp_path):
+    """The hf engine's pieces on the installed stack, in one CPU process (no sharding: nothing shards on the
+    period stack's CPU): the model builder, the data set, the measuring callback inside HF Trainer's own loop,
+    then the results document from what it recorded and the environment capture. The readers accept it and it
+    names the stack that made it."""
+    import math
+
+    from transformers import Trainer, TrainingArguments
+
+    from shardkit.engine.data import build_dataset
     from shardkit.engine.environment import capture
+    from shardkit.engine.hf_trainer import _measuring_callback, training_arguments
+    from shardkit.engine.measure import MemoryMonitor
+    from shardkit.engine.models import build_model
     from shardkit.results import document
     from shardkit.results.files import write_json_atomic
     from shardkit.results.record import Recorder
@@ -120,23 +130,24 @@ def test_a_results_document_of_this_stack_reads_back_and_names_it(tmp_path):
     from shardkit.spec.resolve import resolve
     from shardkit.verdict.diff import run_stack
 
-    cfg, launch = parse_args(["--model_name_or_path", "tiny", "--deepspeed", str(RECIPES / "configs" / "deepspeed_config.json"),
-                              "--nproc_per_node", "2", "--output_dir", str(tmp_path)])
+    cfg, launch = parse_args(["--model_name_or_path", "tiny", "--fsdp", "full_shard auto_wrap", "--engine", "hf",
+                              "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--max_steps", "3",
+                              "--save_strategy", "no", "--output_dir", str(tmp_path)])
     run = resolve(cfg, launch)
-    recorder = Recorder()
-    recorder.begin(0)
-    for step, loss in enumerate((5.5, 5.1, 4.6), start=1):
-        recorder.current_step = step
-        recorder.step_times_s.append(0.25)
-        recorder.logged(loss, 1e-5)
-    recorder.end()
-    written = document.document(status="ok", run=run, recorder=recorder, per_rank=[], environment=capture(2),
-                                data_info=None, failure=None, launch_time=0.0, now=3.0)
+    recorder, memory = Recorder(), MemoryMonitor(cfg.nvml_sample_interval_s)
+    unsharded = {k: v for k, v in training_arguments(run, torch.device("cpu")).items() if not k.startswith("fsdp")}
+    trainer = Trainer(model=build_model(run.plan.model, cfg.attn_implementation, cfg.seed),
+                      args=TrainingArguments(**unsharded), train_dataset=build_dataset(cfg, run.plan.model, run.plan.seq_len),
+                      callbacks=[_measuring_callback(recorder, memory, run.plan, 0, 1)])
+    trainer.train()
+    assert len(recorder.loss) == len(recorder.step_times_s) == 3 and all(map(math.isfinite, recorder.loss))
+    written = document.document(status="ok", run=run, recorder=recorder, per_rank=[{"rank": 0, "memory": memory.close()}],
+                                environment=capture(1), data_info=None, failure=None, launch_time=0.0, now=3.0)
     write_json_atomic(tmp_path / document.RESULTS_FILE, written)
     read = document.read_results(tmp_path / document.RESULTS_FILE)
     assert read["run"]["stack"] == run_stack(read) == STACK
     assert Version(read["environment"]["versions"]["torch"]).release == Version(torch.__version__).release
-    assert read["loss"] == [5.5, 5.1, 4.6]
+    assert read["loss"] == recorder.loss and read["memory"]["max_over_ranks"]["host_rss_peak_bytes"] > 0
 
 
 def test_the_period_lock_pins_the_tables_stack_with_hashes():
@@ -185,3 +196,12 @@ def test_the_seeds_fsdp_flags_are_the_installed_transformers_training_arguments(
     assert built.gradient_checkpointing and built.bf16 and built.lr_scheduler_type.value == "linear"
     assert 0.03 in (getattr(built, "warmup_ratio", None), built.warmup_steps)  # 5: a float below 1 is a ratio
     assert built.per_device_train_batch_size == 8 and built.gradient_accumulation_steps == 1
+
+
+@pytest.mark.skipif(not PERIOD, reason="today's transformers has sdpa")
+def test_an_attention_kernel_the_period_transformers_lacks_is_one_line():
+    result = run_train(["--model_name_or_path", "tiny", "--attn_implementation", "sdpa", "--fsdp", "full_shard",
+                        "--dry_run", "True"])
+    assert result.returncode == 2
+    assert result.stderr == ("shardkit: error: --attn_implementation sdpa: transformers 4.28.1 has only eager "
+                             "attention (the table's); use eager\n")

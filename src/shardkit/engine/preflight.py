@@ -19,6 +19,15 @@ def check_engine(run: ResolvedRun, for_training: bool = True) -> None:
     if cfg.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
         raise UsageError("--attn_implementation flash_attention_2: the flash_attn package is not installed "
                          "(pip install flash-attn on a CUDA machine, or use sdpa or eager)")
+    if cfg.attn_implementation != "eager":
+        from importlib import metadata
+
+        from packaging.version import Version
+
+        installed = metadata.version("transformers")
+        if Version(installed) < Version("4.36"):  # the first with attn_implementation; 4.28's LLaMA is eager only
+            raise UsageError(f"--attn_implementation {cfg.attn_implementation}: transformers {installed} has only "
+                             "eager attention (the table's); use eager")
     if cfg.data_path:
         # Loading the tokenizer takes transformers; every rank would otherwise find a bad one by itself.
         from .data import load_tokenizer
