@@ -23,6 +23,7 @@ Newer-API module: imported only by the native engine with ``--stack 2023``."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import TYPE_CHECKING
 
@@ -83,14 +84,11 @@ class Fsdp1Strategy(FsdpStrategy):
                                                  batch["labels"][..., 1:].reshape(-1))
 
     def micro_step(self, batch: dict, last: bool):
-        if last:
+        # Only the last micro-batch reduce-scatters; the others keep their unsharded gradients, as HF 4.28 did.
+        with contextlib.nullcontext() if last else self.model.no_sync():
             loss = self._loss(batch)
             (loss / self.accumulation).backward()
-            return loss.detach()
-        with self.model.no_sync():
-            loss = self._loss(batch)
-            (loss / self.accumulation).backward()
-        if not self.unsharded_gradient_bytes:
+        if not last and not self.unsharded_gradient_bytes:
             self.unsharded_gradient_bytes = sum(p.grad.nbytes for p in self.model.parameters() if p.grad is not None)
         return loss.detach()
 

@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[3]
 IMAGE_USER_ID = 1000  # the Dockerfile's non-root user
 DEFAULT_TAGS = {"cuda": "shardkit:cuda", "cpu": "shardkit:cpu", "period": "shardkit:period"}
 # The period flavour's build arguments. Ubuntu 22.04's own Python is 3.10, the period's. torch 2.0.1 brings
-# its CUDA 11.7 libraries as wheels; the base's nvcc (11.8: the same major version, which is what torch 2.0's
-# extension builder requires) only compiles DeepSpeed's ops, for A100 (sm_80) and A10 / RTX 30xx (sm_86), the
-# cards that torch build has kernels for. Tag and the digest published for it (seen pinned in more than one
-# public Dockerfile).
+# its CUDA 11.7 libraries as wheels; the base's nvcc only compiles DeepSpeed's ops, for A100 (sm_80) and A10 /
+# RTX 30xx (sm_86), the cards that torch build has kernels for. 11.8 against torch's 11.7 passes both checks:
+# torch 2.0's extension builder refuses only another major version, DeepSpeed 0.9.2's op builder accepts any
+# two 11.x (its cuda_minor_mismatch_ok). Tag and the digest published for it (seen pinned in more than one
+# public Dockerfile; no 11.7 digest was found pinned).
 PERIOD_BUILD_ARGS = {
     "BASE_IMAGE": "nvidia/cuda:11.8.0-cudnn8-devel-ubuntu22.04"
                   "@sha256:8f9dd0d09d3ad3900357a1cf7f887888b5b74056636cd6ef03c160c3cd4b1d95",
