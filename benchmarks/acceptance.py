@@ -514,7 +514,8 @@ def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "toda
                               "--probe", "2", "--gradient_accumulation_steps", str(recipe.accumulation),
                               "--fake_world", str(recipe.gpus), "--stack", stack,
                               "--num_examples", str(2 * recipe.gpus * recipe.batch * recipe.accumulation),
-                              "--max_gpu_memory", f"{CARD / GIB:g}"], campaign.row_dir(root, recipe, 2))
+                              "--max_gpu_memory", f"{CARD / GIB:g}"],
+                campaign.row_dir(root, recipe, 2, campaign.row_stack(["--stack", stack], period=False)))
             for recipe, _ in chosen]
     snapshot_of = SNAPSHOT_ROW if stack == "today" and not ctx.rehearsal else (runs[0].name if runs else None)
     for run in runs:

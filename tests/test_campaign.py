@@ -91,3 +91,23 @@ def test_timed_out_row_is_a_timeout_result_with_its_steps(recipe_dir, tmp_path):
     doc = json.loads((results / "full" / "tiny_slow" / "results.json").read_text())
     assert doc["status"] == "timeout" and doc["failure"]["message"] == "timed out after 20 s (row time limit)"
     assert doc["exit_code"] == 124 and len(doc["loss"]) == len(doc["time"]["step_times_s"]) > 0
+
+
+def test_a_row_run_on_another_stack_lands_beside_todays_and_never_passes_for_it(recipe_dir, tmp_path):
+    results = tmp_path / "results"
+
+    def run(*extra):
+        return subprocess.run([sys.executable, "-m", "shardkit", "run", "tiny_ok", "--results", str(results), *extra],
+                              cwd=ROOT, env=cpu_env(SHARDKIT_RECIPES=str(recipe_dir)), capture_output=True, text=True,
+                              timeout=900)
+
+    today = run()
+    assert today.returncode == 0, today.stderr[-3000:]
+    emulated = run("--stack", "2023")
+    assert emulated.returncode == 0, emulated.stderr[-3000:]
+    for folder, stack in (("full", "today"), ("full-2023-emulated", "2023-emulated")):
+        assert json.loads((results / folder / "tiny_ok" / "results.json").read_text())["run"]["stack"] == stack
+    printed = subprocess.run([sys.executable, "-m", "shardkit", "run", "tiny_ok", "--results", str(results),
+                              "--print-command", "--stack=2023"], cwd=ROOT, env=cpu_env(SHARDKIT_RECIPES=str(recipe_dir)),
+                             capture_output=True, text=True, timeout=300)
+    assert f"--output_dir {(results / 'full-2023-emulated' / 'tiny_ok').resolve()}" in printed.stdout

@@ -226,7 +226,7 @@ def _dispatch(args, extra: list[str]) -> int:
         return 0
     if args.command == "run":
         recipe = recipes.load_recipe(args.recipe)
-        folder = campaign.row_dir(args.results, recipe, args.probe)
+        folder = campaign.row_dir(args.results, recipe, args.probe, campaign.row_stack(extra, campaign.period_here()))
         if args.print_command:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
@@ -236,7 +236,11 @@ def _dispatch(args, extra: list[str]) -> int:
 
             print(dry_run_text(row.run))
             return 0
-        code = campaign.row_runner(args.runner, args.image, args.results)(row, args.timeout)
+        runner = campaign.row_runner(args.runner, args.image, args.results)
+        if runner.period != campaign.period_here():  # the image's stack is not this one: its folder
+            folder = campaign.row_dir(args.results, recipe, args.probe, campaign.row_stack(extra, runner.period))
+            row = campaign.resolve_row(recipe, folder, extra, args.probe)
+        code = runner(row, args.timeout)
         result = folder / "results.json"
         print(f"results: {result}" if result.is_file() else f"no results in {folder}", file=sys.stderr)
         return code
@@ -249,7 +253,7 @@ def _dispatch(args, extra: list[str]) -> int:
         verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
                                 not_run)
         if args.report is None:
-            args.report = args.results / (f"probe{args.probe}" if args.probe else "full")
+            args.report = campaign.campaign_dir(args.results, args.probe, campaign.row_stack([], runner.period))
         return _verdicts_out(verdicts, args)
     if args.command == "diff":
         paths = args.results or [Path(RESULTS_ROOT)]

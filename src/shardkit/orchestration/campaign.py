@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,12 +59,33 @@ def needs_gpus(recipe: recipes.Recipe) -> bool:
     return preset_name(recipe.model) != "tiny"
 
 
-def campaign_dir(root: Path, probe: int | None) -> Path:
-    return root / (f"probe{probe}" if probe else "full")
+def campaign_dir(root: Path, probe: int | None, stack: str = "today") -> Path:
+    """One folder per campaign and stack (results/full, results/full-period, results/probe20-2023-emulated):
+    a row run on another stack never replaces today's result, nor passes for it as "finished earlier"."""
+    name = f"probe{probe}" if probe else "full"
+    return root / (name if stack == "today" else f"{name}-{stack}")
 
 
-def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None) -> Path:
-    return campaign_dir(root, probe) / recipe.name
+def row_dir(root: Path, recipe: recipes.Recipe, probe: int | None, stack: str = "today") -> Path:
+    return campaign_dir(root, probe, stack) / recipe.name
+
+
+def row_stack(overrides: list[str], period: bool) -> str:
+    """The stack a row's results will name (results.document.stack_label): ``period`` where it runs on the
+    period stack (``period``: the installed torch, or the image's flavour), ``2023-emulated`` with an override
+    ``--stack 2023``, else ``today``."""
+    if period:
+        return "period"
+    pairs = [" ".join(overrides[i:i + 2]) for i in range(len(overrides))]
+    return "2023-emulated" if "--stack 2023" in pairs or "--stack=2023" in overrides else "today"
+
+
+def period_here() -> bool:
+    """Whether this process runs on the period stack (torch before 2.1, as results.document.stack_label)."""
+    from ..spec.config import installed_torch_release
+
+    release = installed_torch_release()
+    return release is not None and release < (2, 1)
 
 
 def nodes_from_env() -> tuple[int, int, str | None]:
@@ -226,16 +248,18 @@ def reproduce(names: list[str], root: Path, probe: int | None, force: bool, time
     """Runs each row that can run here, with ``runner`` (default: a local process; ``row_runner`` gives the
     container one), holding the campaign folder's lock; returns {name: output folder} and {name: why not
     run}."""
-    with first_node_lock(campaign_dir(root, probe), "shardkit reproduce", nodes_from_env()[1]):
-        return _reproduce(names, root, probe, force, timeout_s, overrides, runner or run_row, run_predicted_oom)
+    runner = runner or Runner(run_row, period_here())
+    stack = row_stack(overrides, runner.period)
+    with first_node_lock(campaign_dir(root, probe, stack), "shardkit reproduce", nodes_from_env()[1]):
+        return _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_predicted_oom, stack)
 
 
-def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_predicted_oom):
+def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_predicted_oom, stack):
     from rich.console import Console
 
     console = Console(stderr=True)
     # Every row is resolved (and so checked) before any row runs.
-    rows = [resolve_row(recipe, row_dir(root, recipe, probe), overrides, probe)
+    rows = [resolve_row(recipe, row_dir(root, recipe, probe, stack), overrides, probe)
             for recipe in map(recipes.load_recipe, names)]
     memories = visible_gpu_memory()
     gpus = len(memories)
@@ -265,22 +289,36 @@ def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_pred
     return folders, not_run
 
 
-def row_runner(kind: str, image: str, results_root: Path):
-    """The function that runs one row, here ("native") or in a container ("docker"); "auto" takes the
-    container when the daemon can give it GPUs and has the image. Everything above it is shared."""
+@dataclass(frozen=True)
+class Runner:
+    """What runs one row (``run(row, timeout_s)`` -> exit code), and whether it runs on the period stack."""
+
+    run: Callable[[Row, float | None], int]
+    period: bool
+
+    def __call__(self, row: Row, timeout_s: float | None) -> int:
+        return self.run(row, timeout_s)
+
+
+def row_runner(kind: str, image: str, results_root: Path) -> Runner:
+    """The runner of one row, here ("native") or in a container ("docker"); "auto" takes the container when
+    the daemon can give it GPUs and has the image. Everything above it is shared."""
+    here = Runner(run_row, period_here())
     if kind == "native":
-        return run_row
+        return here
     from . import containers
 
+    connection = None
     if kind == "auto":
         try:
             connection = containers.client()
         except containers.DockerUnavailable:
-            return run_row
+            return here
         if not (containers.has_gpu_runtime(connection) and connection.images.list(name=image)):
-            return run_row
+            return here
 
     def in_container(row: Row, timeout_s: float | None) -> int:
         return containers.run_recipe(image, row, results_root, timeout_s)
 
-    return in_container
+    flavour = containers.image_flavour(connection or containers.client(), image)
+    return Runner(in_container, flavour == "period")

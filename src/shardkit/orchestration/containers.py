@@ -158,8 +158,13 @@ def remove_image(connection, tag: str) -> None:
 
 
 def image_flavour(connection, image: str) -> str:
-    """cuda or cpu, as the image's SHARDKIT_FLAVOUR says (set by the Dockerfile)."""
-    env = connection.images.get(image).attrs["Config"].get("Env") or []
+    """cuda, cpu or period, as the image's SHARDKIT_FLAVOUR says (set by the Dockerfile)."""
+    import docker
+
+    try:
+        env = connection.images.get(image).attrs["Config"].get("Env") or []
+    except docker.errors.ImageNotFound:
+        raise UsageError(f"--image {image}: no such image here (shardkit image build, or nox -s build)") from None
     return next((e.split("=", 1)[1] for e in env if e.startswith("SHARDKIT_FLAVOUR=")), "cuda")
 
 
@@ -209,7 +214,7 @@ def run_recipe(image: str, row: campaign.Row, results_root: Path, timeout_s: flo
                                 "and restart the daemon, or run without --docker")
     recipe, probe = row.recipe, row.probe
     results_root = results_root.resolve()
-    folder = campaign.row_dir(results_root, recipe, probe)
+    folder = row.folder.resolve()  # the row's stack is in it: the container names the same folder
     _writable_by_image_user(folder, results_root)
     (folder / RESULTS_FILE).unlink(missing_ok=True)
     command = ["shardkit", "run", recipe.name, "--runner", "native", "--results", "/results",
