@@ -54,14 +54,16 @@ def smoke(session: nox.Session) -> None:
 def period(session: nox.Session) -> None:
     """The period image's stack on CPU, from its hash-locked files (Python 3.10, torch 2.0.1, transformers
     4.28.1, DeepSpeed 0.9.2, pydantic 1.10): the worker path's imports, the seed's dry runs, the refusals of
-    what needs a GPU there, and the results document (about 5 minutes, most of it the 3 GB download)."""
+    what needs a GPU there, the results document, the diff and report, the seed's DeepSpeed schedule (about
+    5 minutes, most of it the 3 GB download)."""
     session.install("--require-hashes", "--no-deps", "-r", "requirements/build.lock")
     session.install("--require-hashes", "-r", "requirements/period.lock")
     session.install("--require-hashes", "--no-deps", "--no-build-isolation", "-r", "requirements/period-deepspeed.lock")
     session.install("--no-deps", "--no-build-isolation", "-e", ".")
     session.run("pip", "check")
     session.install("pytest")
-    session.run("pytest", "tests/test_period.py", "tests/test_cli.py::test_seed_script_runs_as_dry_run_from_anywhere",
+    session.run("pytest", "tests/test_period.py", "tests/test_diff.py",
+                "tests/test_cli.py::test_seed_script_runs_as_dry_run_from_anywhere",
                 "tests/test_recipes.py::test_the_seeds_deepspeed_schedule_holds_the_first_two_steps_at_lr_zero",
                 *session.posargs, env={"DS_ACCELERATOR": "cpu"})
 
