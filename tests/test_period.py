@@ -74,7 +74,8 @@ def test_the_native_engine_on_the_period_stack_is_one_line(tmp_path):
     result = run_train(["--model_name_or_path", "tiny", "--engine", "native", "--fsdp", "full_shard auto_wrap",
                         "--nproc_per_node", "2", "--max_steps", "2", "--output_dir", str(tmp_path / "out")])
     assert result.returncode == 2
-    assert result.stderr.startswith("shardkit: error: --engine native needs FSDP2 (torch >= 2.6); this is torch 2.0.1")
+    assert result.stderr.startswith("shardkit: error: --engine native needs torch >= 2.6 (FSDP2")
+    assert "this is torch 2.0.1" in result.stderr and result.stderr.count("\n") == 1
 
 
 # torch 2.0.1+cu117's torch.cuda.get_arch_list(), read from the period image's wheel; today's CUDA 13 build

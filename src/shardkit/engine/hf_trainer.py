@@ -39,15 +39,16 @@ def check_supported(plan) -> None:
         return
     from ..spec.config import default_engine
 
+    deepspeed_on_cpu = _deepspeed_has_cpu_accelerator()
     alternatives = ["a GPU"]
     if default_engine() == "native":
         alternatives.append("--engine native (FSDP2 shards on CPU)")
-    if _deepspeed_has_cpu_accelerator():
+    if deepspeed_on_cpu:
         alternatives.append("--deepspeed (ZeRO-3 runs on CPU)")
     if plan.parallelism.kind == "fsdp":
         raise UsageError("--engine hf with --fsdp needs GPUs: HF Trainer does not shard on CPU (it falls back to "
                          f"DDP, or fails inside torch's FSDP); use {' or '.join(alternatives)}")
-    if not _deepspeed_has_cpu_accelerator():
+    if not deepspeed_on_cpu:
         import deepspeed
 
         raise UsageError(f"--deepspeed needs GPUs with DeepSpeed {deepspeed.__version__}: it has no CPU accelerator; "

@@ -56,8 +56,9 @@ def check_native_engine() -> None:
         import torch
 
         needed = ".".join(map(str, NATIVE_ENGINE_MIN_TORCH))
-        raise UsageError(f"--engine native needs FSDP2 (torch >= {needed}); this is torch {torch.__version__}, "
-                         "the period stack: --engine hf runs HF Trainer, the table's own loop")
+        raise UsageError(f"--engine native needs torch >= {needed} (FSDP2, and the transformers of its time for "
+                         f"ZeRO-3); this is torch {torch.__version__}, the period stack: --engine hf runs HF Trainer, "
+                         "the table's own loop")
 
 
 def has_kernels_for(capability: tuple[int, int], arch_list: list[str]) -> bool:

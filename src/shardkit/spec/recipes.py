@@ -127,6 +127,7 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
     values: dict[str, str] = {}
     description = []
     lines: dict[str, int] = {}
+    keys = [k for k in field_names(Recipe) if k not in ("name", "description")]
     for number, raw in enumerate(read_text(path).splitlines(), start=1):
         line = raw.strip()
         if not line:
@@ -138,7 +139,6 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
         if not match:
             raise UsageError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
         key = match.group(1).lower()
-        keys = [k for k in field_names(Recipe) if k not in ("name", "description")]
         if key not in keys:
             raise UsageError(f"{path}:{number}: unknown key {match.group(1)} (known: {', '.join(map(str.upper, keys))})")
         if key in values:
