@@ -121,12 +121,6 @@ def test_hf_engine_runs_zero3_offload(tmp_path):
     assert doc["loss"][-1] < doc["loss"][0]
 
 
-def test_hf_engine_refuses_fsdp_on_cpu_instead_of_falling_back_to_ddp(tmp_path):
-    result = run_train(tiny(tmp_path / "hf", "fsdp", "--engine", "hf"))
-    assert result.returncode == 2
-    assert "silently falls back to DDP" in result.stderr and "Traceback" not in result.stderr
-
-
 def test_local_hugging_face_weights_are_loaded_into_the_shards(tmp_path):
     """A folder written by save_pretrained is loaded (rank 0 reads, every rank gets its shards): the run's
     first loss is the saved model's loss on the same first batches, computed here without any sharding."""
