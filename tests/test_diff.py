@@ -259,3 +259,22 @@ def test_diff_searches_folders_and_defaults_to_the_results_root(real_result, tmp
     assert cli.main(["diff"]) == 2
     assert "a second result for tiny_fsdp_2cpu_bs4" in capsys.readouterr().err
     assert cli.main(["diff", "results/probe5"]) == 0
+
+
+def test_one_diff_holds_a_rows_runs_on_every_stack_and_refuses_two_on_one(tmp_path, real_result):
+    """A row run today and in the period image: two verdicts, each named with its stack and compared with
+    the planner's figures for that stack; a second result on the same stack is still refused. (The period
+    result is the real CPU run relabelled by its torch version: no period run trains on CPU.)"""
+    base = as_table_row(real_result[1], ROW, memory_gb=40, hours=0.8)
+    period = copy.deepcopy(base)
+    period["environment"]["versions"]["torch"] = "2.0.1"
+    for folder, document in (("full", base), ("full-period", period), ("copy", period)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "results.json").write_text(json.dumps(document))
+    found = diff.load_results([tmp_path / "full", tmp_path / "full-period"])
+    assert set(found) == {ROW, f"{ROW}@period"}
+    verdicts = {v.recipe: v for v in diff.compare(list(found), found, load_table(), load_tiny(), diff.Tolerances())}
+    assert set(verdicts) == {ROW, f"{ROW}@period"}
+    assert verdicts[ROW].predicted["stack"] == "today" and verdicts[f"{ROW}@period"].predicted["stack"] == "2023"
+    with pytest.raises(UsageError, match=f"a second result for {ROW}@period"):
+        diff.load_results([tmp_path / "full-period", tmp_path / "copy"])

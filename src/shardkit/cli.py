@@ -249,11 +249,13 @@ def _dispatch(args, extra: list[str]) -> int:
         runner = campaign.row_runner(args.runner, args.image, args.results)
         folders, not_run = campaign.reproduce(names, args.results, args.probe, args.force, args.timeout, [],
                                               runner=runner, run_predicted_oom=args.run_predicted_oom)
+        stack = campaign.row_stack([], runner.period)
         found = diff.load_results(list(folders.values()))
-        verdicts = diff.compare(names, found, reference.load_table(), reference.load_tiny(), _tolerances(args),
-                                not_run)
+        keys = {name: diff.result_key(name, stack) for name in names}
+        verdicts = diff.compare(list(keys.values()), found, reference.load_table(), reference.load_tiny(),
+                                _tolerances(args), {keys[name]: why for name, why in not_run.items()})
         if args.report is None:
-            args.report = campaign.campaign_dir(args.results, args.probe, campaign.row_stack([], runner.period))
+            args.report = campaign.campaign_dir(args.results, args.probe, stack)
         return _verdicts_out(verdicts, args)
     if args.command == "diff":
         paths = args.results or [Path(RESULTS_ROOT)]

@@ -58,21 +58,27 @@ def results_files(paths: list[str | Path]) -> list[Path]:
     return files
 
 
+def result_key(recipe: str, stack: str) -> str:
+    """How a row's result is named among others: the recipe for today's stack, ``recipe@stack`` for the
+    period stack and the 2023 emulation, so that one diff holds a row's runs on every stack side by side."""
+    return recipe if stack == "today" else f"{recipe}@{stack}"
+
+
 def load_results(paths: list[str | Path]) -> dict[str, dict]:
-    """Results files or run folders (a folder without results is a row that did not run) -> {recipe name:
-    results}; a run without a name is keyed by its folder. Two results for one recipe are refused: which one
-    the verdict is about would be left to the order of the paths."""
+    """Results files or run folders (a folder without results is a row that did not run) -> {result_key:
+    results}; a run without a name is keyed by its folder. Two results for one recipe on one stack are
+    refused: which one the verdict is about would be left to the order of the paths."""
     found, sources = {}, {}
     for path in map(Path, paths):
         file = path / RESULTS_FILE if path.is_dir() else path
         if not file.is_file():
             continue
         document = read_results(file)
-        name = document["run"].get("name") or file.parent.name
-        if name in found:
-            raise UsageError(f"{file}: a second result for {name} (the first: {sources[name]}); diff the folder of "
+        key = result_key(document["run"].get("name") or file.parent.name, run_stack(document))
+        if key in found:
+            raise UsageError(f"{file}: a second result for {key} (the first: {sources[key]}); diff the folder of "
                              "one of them")
-        found[name], sources[name] = document, file
+        found[key], sources[key] = document, file
     return found
 
 
@@ -241,14 +247,22 @@ def judge_tiny_row(name: str, expected: dict, result: dict | None, tol: Toleranc
 
 def compare(names: list[str], results: dict[str, dict], table: dict[str, ReferenceRow], tiny: dict,
             tol: Tolerances, not_run: dict[str, str] | None = None) -> list[Verdict]:
+    """One verdict per name (a result_key: a recipe, or recipe@stack); a table row is judged against the
+    table on whichever stack it ran (the planner's figures follow the stack), a tiny row only on today's,
+    the stack its reference curves were recorded on."""
     not_run = not_run or {}
     verdicts = []
     for name in names:
         reason = not_run.get(name, "no results file")
-        if name in table:
-            verdicts.append(judge_table_row(table[name], results.get(name), tol, reason))
-        elif name in tiny.get("runs", {}):
+        recipe, _, stack = name.partition("@")
+        if recipe in table:
+            verdicts.append(judge_table_row(table[recipe], results.get(name), tol, reason))
+            verdicts[-1].recipe = name  # the report's row, with its stack when not today's
+        elif recipe in tiny.get("runs", {}) and not stack:
             verdicts.append(judge_tiny_row(name, tiny["runs"][name], results.get(name), tol, reason))
+        elif recipe in tiny.get("runs", {}):
+            verdicts.append(Verdict(name, "error", f"no reference curve for the {stack} stack: the tiny references "
+                                                   "were recorded on today's"))
         else:
             verdicts.append(Verdict(name, "error", "no reference row for this recipe"))
     return verdicts
