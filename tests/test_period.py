@@ -2,8 +2,8 @@
 period stack (Python 3.10, torch 2.0.1, transformers 4.28.1, DeepSpeed 0.9.2, pydantic 1.10), where
 `nox -s period` runs this module and the seed dry runs of test_cli.py. On the period stack nothing trains on
 CPU (its HF Trainer needs CUDA for FSDP, its DeepSpeed has no CPU accelerator), so what is checked there is
-what runs before the ranks and around them: the worker path's imports, the command lines, the refusals and
-the results document."""
+what runs before the ranks and around them: the worker path's imports, the command lines, the refusals, the
+measuring callback in HF Trainer's loop, the results document, and real ranks up to HF Trainer's FSDP."""
 
 import importlib
 import shlex
@@ -206,3 +206,23 @@ def test_an_attention_kernel_the_period_transformers_lacks_is_one_line():
     assert result.returncode == 2
     assert result.stderr == ("shardkit: error: --attn_implementation sdpa: transformers 4.28.1 has only eager "
                              "attention (the table's); use eager\n")
+
+
+@pytest.mark.skipif(not PERIOD, reason="today's HF Trainer trains this on CPU, as DDP (what the refusal is for)")
+def test_the_period_ranks_write_their_failure_as_a_result(tmp_path):
+    """The whole worker path on the period stack, launcher to results file: the refusal is skipped on purpose,
+    so that torch 2.0.1's elastic agent starts two ranks over gloo and HF Trainer 4.28 gets as far as its
+    FSDP, which wants CUDA; the failing rank writes the run's result with what it captured."""
+    from shardkit.results.document import read_results
+
+    script = ("import sys; from shardkit.spec.flags import parse_args; from shardkit.spec.resolve import resolve; "
+              "from shardkit.engine.launch import launch; sys.exit(launch(resolve(*parse_args(sys.argv[1:]))))")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", script, "--model_name_or_path", "tiny", "--fsdp", "full_shard auto_wrap",
+                             "--nproc_per_node", "2", "--max_steps", "2", "--save_strategy", "no", "--output_dir",
+                             str(out)], cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    document = read_results(out / "results.json")
+    assert document["status"] == "error" and document["run"]["stack"] == "period"
+    assert document["run"]["engine"] == "hf" and "NVIDIA driver" in document["failure"]["message"]
+    assert document["environment"]["versions"]["transformers"] == "4.28.1"
