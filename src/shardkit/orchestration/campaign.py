@@ -81,11 +81,10 @@ def row_stack(overrides: list[str], period: bool) -> str:
 
 
 def period_here() -> bool:
-    """Whether this process runs on the period stack (torch before 2.1, as results.document.stack_label)."""
-    from ..spec.config import installed_torch_release
+    """Whether this process runs on the period stack, by the rule its results will be labelled with."""
+    from ..spec.resolve import installed_stack
 
-    release = installed_torch_release()
-    return release is not None and release < (2, 1)
+    return installed_stack("today") == "period"
 
 
 def nodes_from_env() -> tuple[int, int, str | None]:
