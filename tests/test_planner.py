@@ -169,28 +169,31 @@ def test_verdicts_fits_at_capacity_and_oom():
 
 
 TABLE = reference.load_table()
-# The two ZeRO-3 rows the planner gets wrong: it models what ZeRO-3 allocates and finds both within the card,
-# while the table's ZeRO-3 figures run 1.2-4.6x above that model (docs/planner.md, "Where it misses").
+# The two ZeRO-3 rows the planner gets wrong: what ZeRO-3 must hold at once fits the card in both (row 11 is "at
+# capacity": nvidia-smi reaches the card, but the gathered layers that fill it are freed before an OOM), while
+# the table says OOM (docs/planner.md, "Where it misses").
 WRONG_VERDICTS = {"llama-13b_zero3-offload_4gpu_bs1_nockpt", "llama-13b_zero3-offload_4gpu_bs16"}
 CALIBRATION = {row["recipe"]: row for row in planner.calibration()}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 under-predicted")) if n in WRONG_VERDICTS else n
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3: OOM in the table")) if n in WRONG_VERDICTS else n
     for n in TABLE])
 def test_verdict_on_every_table_row(name):
     row = CALIBRATION[name]
     assert (row["verdict"] == "oom") == (TABLE[name].status == "oom"), row
 
 
-# The ZeRO-3 rows that ran and that the planner under-predicts by more than 20% (docs/planner.md).
+# The ZeRO-3 rows that ran and that the planner misses by more than 20%, each explained in docs/planner.md:
+# below where the table shows more gathered layers held than the CPU's lead gives, above where the lead
+# exceeds the 25-35 layers the table shows.
 OUTSIDE_20_PERCENT = {f"llama-{n}_zero3-offload_{g}gpu_bs{b}" for n, g, b in [
-    ("13b", 4, 1), ("13b", 4, 8), ("30b", 4, 1), ("30b", 4, 4), ("30b", 4, 6), ("30b", 4, 8), ("30b", 8, 1),
-    ("30b", 8, 4), ("65b", 8, 1), ("65b", 8, 2), ("65b", 8, 4)]}
+    ("13b", 4, 1), ("30b", 4, 1), ("30b", 4, 6), ("30b", 8, 1), ("30b", 8, 4), ("30b", 8, 8), ("65b", 8, 1),
+    ("65b", 8, 2)]}
 
 
 @pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 under-predicted"))
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="ZeRO-3 missed by more than 20%"))
     if n in OUTSIDE_20_PERCENT else n
     for n, r in TABLE.items() if r.status == "ok"])
 def test_rows_that_ran_within_20_percent(name):
@@ -374,3 +377,23 @@ def test_the_2023_stack_builds_fp32_whatever_the_folders_config_says():
     spec = ModelSpec(name="tiny", hf_config={**tiny, "torch_dtype": "float16"}, weights_dir=None)
     assert next(build_model(spec, "eager", 0).parameters()).dtype == torch.float16  # what the folder asks for
     assert next(build_model(spec, "eager", 0, dtype=torch.float32).parameters()).dtype == torch.float32
+
+
+def test_zero3_gathered_layers_awaiting_the_compute_stream_are_reserved_not_allocated():
+    # 13B on 4 GPUs at batch 8 (the table's row 10): a layer's fetch (11.5 ms) is shorter than its forward
+    # (70.8 ms), so the CPU ends the forward 40 (1 - 11.5 / 70.8) layers ahead of the GPU.
+    p = planner.predict_recipe(recipes.load_recipe("llama-13b_zero3-offload_4gpu_bs8"), "2023")
+    (term,) = [t for t in p.terms if t.name.startswith("gathered layers awaiting")]
+    layer = 2 * planner.shape_of("llama-13b").layer_params
+    assert term.kind == "reserve" and term.bytes == pytest.approx(33.5 * layer, rel=0.01)
+    assert p.reserved == pytest.approx(p.allocated + term.bytes, abs=1)
+    assert p.live == mm.peak([t for t in p.terms if t is not term])  # it never decides OOM
+    # At batch 1 the fetch takes longer than the forward: no lead, no term.
+    small = planner.predict_recipe(recipes.load_recipe("llama-13b_zero3-offload_4gpu_bs1"), "2023")
+    assert not [t for t in small.terms if t.name.startswith("gathered layers awaiting")]
+    # The lead is a race between the host link and the GPU: a host link twice as fast lets the CPU lead at
+    # batch 1 too.
+    fast = dataclasses.replace(planner.REFERENCE, card=dataclasses.replace(planner.REFERENCE.card,
+                               pcie_bytes_per_s=2 * planner.REFERENCE.card.pcie_bytes_per_s))
+    quick = planner.predict_recipe(recipes.load_recipe("llama-13b_zero3-offload_4gpu_bs1"), "2023", hardware=fast)
+    assert quick.reserved > small.reserved and quick.live == small.live

@@ -171,3 +171,42 @@ def test_every_rate_has_a_source():
 
 def test_clock():
     assert tm.clock(3130) == "0:52:10" and tm.clock(142399) == "39:33:19"
+
+
+# Ten layers of SMALL's width: one layer has 4h^2 + 3hI + 2h = 64 + 96 + 8 = 168 parameters; its forward over
+# 2 tokens is (2 x 160 + 4 h s) x 2 = 704 FLOPs: 0.704 s at 1000 FLOP/s (HBM made fast enough not to count).
+TEN = dataclasses.replace(SMALL, layers=10)
+# Fetch of a layer on 2 GPUs with offload: 2 x 168 / 2 = 168 bytes over half the PCIe link, then the ring's
+# 2 x 168 x 1/2 = 168 bytes over NVLink: 0.176 s each at these rates, half the forward.
+LEAD_HW = hwm.Hardware(dataclasses.replace(ROUND, hbm_bytes_per_s=1e30, nvlink_bytes_per_s=168 / 0.176,
+                                           pcie_bytes_per_s=2 * 168 / 0.176), ROUND_HOST)
+
+
+def ten(gpus=2, offload=True, micro_batch=1, method="zero3"):
+    return mm.Workload(TEN, Parallelism(method, offload), gpus, micro_batch=micro_batch, seq_len=2, grad_ckpt=True,
+                       accumulation=1, attention="sdpa")
+
+
+def test_zero3_cpu_lead_is_the_layers_issued_before_the_gpu_reaches_them():
+    assert tm.layer_forward_seconds(ten(), "today", LEAD_HW) == pytest.approx(0.704)
+    assert tm.layer_fetch_seconds(ten(), LEAD_HW) == pytest.approx(0.352)
+    # The CPU issues 10 layers in 3.52 s while the GPU finishes 5: 5 layers ahead, 2 x 168 bytes each.
+    lead = tm.zero3_forward_lead(ten(), "today", LEAD_HW)
+    assert lead.layers == pytest.approx(5)
+    (term,) = mm.zero3_gathered_ahead_terms(ten(), lead)
+    assert (term.kind, term.bytes) == ("reserve", 5 * 2 * 168)
+    # Without offload only the all-gather holds the CPU: 0.176 s, 7.5 layers ahead; a batch 3 times larger
+    # makes the forward 3 times longer: 10 (1 - 0.352 / 2.112) layers, at most 9.
+    assert tm.zero3_forward_lead(ten(offload=False), "today", LEAD_HW).layers == pytest.approx(7.5)
+    assert tm.zero3_forward_lead(ten(micro_batch=3), "today", LEAD_HW).layers == pytest.approx(10 * (1 - 1 / 6))
+    assert tm.zero3_forward_lead(ten(micro_batch=100), "today", LEAD_HW).layers == 9
+    # A fetch slower than the forward: the GPU waits for parameters and the CPU is not ahead.
+    slow = dataclasses.replace(LEAD_HW, card=dataclasses.replace(LEAD_HW.card, pcie_bytes_per_s=1.0))
+    assert tm.zero3_forward_lead(ten(), "today", slow).layers == 0
+    assert mm.zero3_gathered_ahead_terms(ten(), tm.zero3_forward_lead(ten(), "today", slow)) == []
+    # Nothing is gathered on one GPU with the parameters on it, nor by FSDP (FSDP2 holds references instead).
+    assert tm.zero3_forward_lead(ten(gpus=1, offload=False), "today", LEAD_HW) is None
+    assert tm.zero3_forward_lead(ten(method="fsdp"), "today", LEAD_HW) is None
+    # One GPU with offload fetches its whole layer and waits for it (NoGatherHandle.wait): 2 x 168 bytes over
+    # the whole PCIe link (alone on its switch), 0.176 s, and no all-gather: 10 (1 - 0.176 / 0.704) layers.
+    assert tm.zero3_forward_lead(ten(gpus=1), "today", LEAD_HW).layers == pytest.approx(7.5)

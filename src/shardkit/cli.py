@@ -304,7 +304,8 @@ def _plan(args) -> int:
         if args.time_figure:
             planner.time_calibration_figure(rows, args.time_figure)
         print(json.dumps(rows, indent=1) if args.json else
-              planner.calibration_markdown(rows) + "\n\n" + planner.time_calibration_markdown(rows))
+              planner.calibration_markdown(rows) + "\n\n" + planner.zero3_lead_markdown(rows) + "\n\n"
+              + planner.time_calibration_markdown(rows))
         return 0
     if args.model:
         if args.recipes:

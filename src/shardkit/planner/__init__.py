@@ -12,6 +12,7 @@ from .calibration import (
     calibration_markdown,
     time_calibration_figure,
     time_calibration_markdown,
+    zero3_lead_markdown,
 )
 from .hardware import CARDS, LINKS, REFERENCE, Hardware, hardware_for
 from .predict import (
@@ -31,4 +32,4 @@ from .search import ranked, search
 __all__ = ["CARDS", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
            "calibration_figure", "calibration_markdown", "hardware_for", "parse_size", "predict", "predict_recipe",
            "ranked", "recipe_workload", "render", "render_search", "search", "shape_of", "time_calibration_figure",
-           "time_calibration_markdown", "time_summary", "workload"]
+           "time_calibration_markdown", "time_summary", "workload", "zero3_lead_markdown"]

@@ -20,7 +20,8 @@ no expandable segments, no garbage-collection threshold):
   only when an allocation fails, or on empty_cache), so reserved memory only grows.
 
 What it leaves out: the retry that frees cached segments when cudaMalloc fails (the verdict's "at capacity"
-is about that), and record_stream's deferred frees (FSDP2 and DeepSpeed hold references instead).
+is about that), and record_stream's deferred frees (FSDP2 holds references instead; DeepSpeed's, which depend
+on how far the CPU runs ahead of the GPU, are the planner's memory_model.zero3_gathered_ahead_terms).
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ def calibration(stack: str = "2023") -> list[dict]:
             residual = predicted_gb / ref.memory_gb - 1
         verdict_agrees = (p.verdict == "oom") == (ref.status == "oom")
         t = p.time
+        lead = tm.zero3_forward_lead(p.workload, stack, p.hardware)
+        layer_bytes = 2 * p.workload.shape.layer_params
+        without_lead = p.nvidia_smi - lead.layers * layer_bytes if lead else None
         time_residual = t.run_seconds / ref.time_s - 1 if ref.time_s else None
         rows.append({"recipe": name, "row": ref.row, "table": ref.memory_printed, "table_gb": ref.memory_gb,
                      "verdict": p.verdict, "predicted_gb": predicted_gb,
@@ -35,7 +38,13 @@ def calibration(stack: str = "2023") -> list[dict]:
                      "table_step_s": ref.time_s / t.steps if ref.time_s else None,
                      "predicted_time_s": t.run_seconds, "predicted_step_s": t.step_seconds, "steps": t.steps,
                      "group_seconds": t.group_seconds(), "dominant": t.dominant, "time_residual": time_residual,
-                     "time_within_25pct": time_residual is not None and abs(time_residual) <= TIME_TOLERANCE})
+                     "time_within_25pct": time_residual is not None and abs(time_residual) <= TIME_TOLERANCE,
+                     "zero3_lead": None if lead is None else {
+                         "fetch_s": lead.fetch_s, "forward_s": lead.forward_s, "layers": lead.layers,
+                         "of_layers": p.workload.shape.layers, "without_lead_gb": without_lead / reference.BYTES_PER_TABLE_GB,
+                         # The table's excess over everything else the planner predicts, in gathered layers.
+                         "table_layers": None if ref.memory_gb is None else
+                         (ref.memory_gb * reference.BYTES_PER_TABLE_GB - without_lead) / layer_bytes}})
     return rows
 
 
@@ -49,6 +58,25 @@ def calibration_markdown(rows: list[dict]) -> str:
         mark = "" if r["verdict_agrees"] else " (wrong)"
         body.append(f"| {r['row']} | {r['recipe']} | {r['table']} | {predicted} | {r['verdict']}{mark} | "
                     f"{r['live_gb']:.1f} | {r['with_elastic_gb']:.1f} | {residual} |")
+    return "\n".join([head, *body])
+
+
+def zero3_lead_markdown(rows: list[dict]) -> str:
+    """ZeRO-3's gathered layers awaiting the compute stream: the planner's lead against what the table's
+    figure leaves over the rest of the prediction, both in layers of bf16 parameters."""
+    head = ("| row | recipe | fetch per layer (ms) | forward per layer (ms) | lead, planner (layers) | "
+            "table's excess (layers) | table | predicted without the lead | predicted |\n"
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    body = []
+    for r in rows:
+        lead = r["zero3_lead"]
+        if lead is None:
+            continue
+        excess = "" if lead["table_layers"] is None else f"{lead['table_layers']:.1f}"
+        predicted = "OOM" if r["predicted_gb"] is None else f"{r['predicted_gb']:.1f} GB"
+        body.append(f"| {r['row']} | {r['recipe']} | {lead['fetch_s'] * 1e3:.1f} | {lead['forward_s'] * 1e3:.1f} | "
+                    f"{lead['layers']:.1f} of {lead['of_layers']} | {excess} | {r['table']} | "
+                    f"{lead['without_lead_gb']:.1f} GB | {predicted} |")
     return "\n".join([head, *body])
 
 

@@ -324,7 +324,8 @@ def reserve_terms(w: Workload, stack: Stack) -> list[Term]:
     reduce-scatter stream, becomes the sharded gradient: counted live, and reused there every step.)
 
     The 2023 stack's FSDP1 allocates its unsharded FlatParameters on its unshard stream: that pool's
-    growth is the elastic "all-gathers issued ahead" term. DeepSpeed's pools are not modelled (docs).
+    growth is the elastic "all-gathers issued ahead" term. DeepSpeed's all-gather stream is
+    zero3_gathered_ahead_terms: it depends on rates, so the prediction adds it with its hardware.
     The compute stream's own fragmentation is not a term: the planner states it as its uncertainty
     (Prediction.reserve_uncertainty)."""
     if w.method != "fsdp" or stack != "today":
@@ -337,6 +338,28 @@ def reserve_terms(w: Workload, stack: Stack) -> list[Term]:
                   "all_gather_copy_in_stream; CUDACachingAllocator keeps a pool per stream: the root's and the "
                   "first prefetched layer's, 2 (root + unit)(1 + 1/N) in bf16, less the prefetched unit counted "
                   "live", kind="reserve")]
+
+
+def zero3_gathered_ahead_terms(w: Workload, lead) -> list[Term]:
+    """Gathered parameters the CPU has freed but the caching allocator may not yet reuse, in ZeRO-3's forward.
+
+    DeepSpeed (0.9.2 and 0.19 alike) gathers each module's parameters inside
+    ``get_accelerator().stream(self.__allgather_stream)`` (partitioned_param_coordinator.__all_gather_params), so
+    their blocks belong to that stream's pool, and frees them after the module's forward with
+    ``param.data.record_stream(current_stream())`` (partition_parameters.free_param). The allocator returns a
+    block with recorded streams to its pool only once events on those streams have completed
+    (CUDACachingAllocator.cpp: insert_events, process_events): the gathered layers the compute stream has not
+    reached yet stay held, and the pool keeps them cached afterwards. ``lead`` (time_model.zero3_forward_lead)
+    says how many layers that is at the end of the forward, each 2 x layer bytes in bf16. Reserved, not
+    allocated (free() has already taken them out of torch's allocated bytes), and not a cause of OOM: a failed
+    allocation synchronizes those events and frees the blocks before it gives up (release_cached_blocks)."""
+    if lead is None or lead.layers <= 0:
+        return []
+    return [_term("caching allocator", f"gathered layers awaiting the compute stream ({lead.layers:.1f} of "
+                  f"{w.shape.layers})", lead.layers * 2 * w.shape.layer_params,
+                  f"DeepSpeed free_param's record_stream on gathers from its all-gather stream; the CPU leads the "
+                  f"GPU by L (1 - fetch / forward) layers: a layer's fetch {lead.fetch_s * 1e3:.1f} ms, its "
+                  f"forward {lead.forward_s * 1e3:.1f} ms", kind="reserve")]
 
 
 def runtime_terms() -> list[Term]:

@@ -93,7 +93,8 @@ class Prediction:
     host_memory: int | None
     terms: list[mm.Term] = field(default_factory=list)
     hardware: Hardware = REFERENCE
-    """The node the time is predicted for (memory depends only on gpu_memory)."""
+    """The node the time is predicted for; memory depends on it only through ZeRO-3's gathered layers awaiting
+    the compute stream, a race between the host link and the GPU (memory_model.zero3_gathered_ahead_terms)."""
 
     @cached_property
     def time(self) -> tm.TimePrediction:
@@ -127,7 +128,8 @@ class Prediction:
     @property
     def reserved(self) -> int:
         """torch.cuda.max_memory_reserved: allocated plus what the caching allocator keeps cached (its
-        per-stream pools, and the 2023 stack's all-gathers issued ahead)."""
+        per-stream pools, ZeRO-3's gathered layers awaiting the compute stream, and the 2023 stack's
+        all-gathers issued ahead)."""
         return mm.peak(self.terms, kinds=("live", "elastic", "reserve")) - self.context - self.communicator
 
     @property
@@ -258,7 +260,8 @@ def predict(w: mm.Workload, stack: str = "today", gpu_memory: int = DEFAULT_GPU_
             host_memory: int | None = None, name: str = "", hardware: Hardware = REFERENCE) -> Prediction:
     if stack not in mm.STACKS:
         raise UsageError(f"--stack {stack!r}: one of {', '.join(mm.STACKS)}")
-    return Prediction(name, stack, w, gpu_memory, host_memory, mm.terms(w, stack), hardware)
+    terms = [*mm.terms(w, stack), *mm.zero3_gathered_ahead_terms(w, tm.zero3_forward_lead(w, stack, hardware))]
+    return Prediction(name, stack, w, gpu_memory, host_memory, terms, hardware)
 
 
 def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,

@@ -226,6 +226,56 @@ def offload_terms(w: Workload, stack: Stack, hw: Hardware) -> list[TimeTerm]:
     ]
 
 
+def layer_forward_seconds(w: Workload, stack: Stack, hw: Hardware) -> float:
+    """GPU time of one decoder layer's forward over one micro-batch, priced as compute_terms prices the
+    whole step: its matmuls (2 x the layer's projection parameters + 4 h s FLOPs per token, the forward third of
+    PaLM's 6N + 12LHS), eager attention's score tensors (SCORE_BYTES, forward) and the elementwise kernels."""
+    s = w.shape
+    tokens = w.micro_batch * w.seq_len
+    flops = (2 * (s.layer_params - 2 * s.hidden) + 4 * s.hidden * w.seq_len) * tokens
+    memory = elementwise_bytes_per_token_layer(w) * tokens
+    if w.attention == "eager":
+        memory += SCORE_BYTES[stack][0] * s.heads * w.micro_batch * w.seq_len**2
+    return flops / hw.matmul_flops + memory / hw.card.hbm_bytes_per_s
+
+
+def layer_fetch_seconds(w: Workload, hw: Hardware) -> float:
+    """How long ZeRO-3's fetch of one layer's parameters holds the CPU in forward. With offload_param each
+    module's partition is copied from pinned host memory with a blocking ``ds_tensor.to(device)`` (one GPU:
+    NoGatherHandle.wait synchronizes the all-gather stream), 2 x layer / N bytes over the GPU's share of PCIe;
+    with N > 1 the all-gather follows on the same stream, and the coordinator lets at most two fetches run
+    ahead of the CPU (partitioned_param_coordinator: __max_ongoing_fetch_events = 2), so the CPU also waits
+    for the ring's 2 x layer x (N-1)/N bytes over the link. DeepSpeed 0.9.2 and 0.19 alike."""
+    s, n = w.shape, w.gpus
+    seconds = 2 * s.layer_params / n / hw.host_link_bytes_per_s(n) if w.offload else 0.0
+    if n > 1:
+        seconds += 2 * s.layer_params * (n - 1) / n / hw.collective_bytes_per_s
+    return seconds
+
+
+@dataclass(frozen=True)
+class ForwardLead:
+    """How many decoder layers ZeRO-3's CPU thread runs ahead of the GPU's compute stream by the end of a
+    forward, and the two rates that set it."""
+
+    layers: float
+    forward_s: float
+    fetch_s: float
+
+
+def zero3_forward_lead(w: Workload, stack: Stack, hw: Hardware) -> ForwardLead | None:
+    """Nothing in ZeRO-3's forward makes the CPU wait for the compute stream: it waits only for each fetch
+    (layer_fetch_seconds). When a layer's fetch takes less than its forward on the GPU, the CPU issues the
+    forward's L layers in L x fetch while the GPU finishes L x fetch / forward of them: by the end it is
+    L (1 - fetch / forward) layers ahead, at most L - 1; when the fetch takes longer, the GPU waits for the
+    parameters and the CPU is not ahead. None where nothing is gathered (one GPU, parameters on it)."""
+    if w.method != "zero3" or (w.gpus == 1 and not w.offload):
+        return None
+    forward, fetch = layer_forward_seconds(w, stack, hw), layer_fetch_seconds(w, hw)
+    layers = w.shape.layers
+    return ForwardLead(min(layers - 1, max(0.0, layers * (1 - fetch / forward))), forward, fetch)
+
+
 def step_terms(w: Workload, stack: Stack, hw: Hardware) -> list[TimeTerm]:
     return [*compute_terms(w, stack, hw), *communication_terms(w, stack, hw), *offload_terms(w, stack, hw)]
 
