@@ -577,35 +577,45 @@ def _error(measured: int | None, predicted: int | None) -> float | None:
 ENGINE_METHODS = {kind: recipes.method_flags(Parallelism(kind, offload=False)) for kind in ("fsdp", "zero3")}
 
 
+def layer_shaped(ctx: Context, batch: int, steps: int) -> dict:
+    """The one-GPU model of the engines and ZeRO-3 stages: 8 decoder layers of LLaMA-7B's shape at sequence 2048
+    on a GPU, the tiny model in a rehearsal."""
+    model, layers, seq = ("llama-7b", 8, 2048) if ctx.cuda else ("tiny", None, 64)
+    return {"model": model, "layers": layers, "micro_batch": batch, "seq_len": seq, "steps": steps, "ranks": 1}
+
+
+def layer_shaped_workload(shape: dict, parallelism: Parallelism):
+    w = planner.workload(shape["model"], parallelism, 1, shape["micro_batch"], True, 1, "eager", shape["seq_len"])
+    return dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=shape["layers"])) if shape["layers"] else w
+
+
+def layer_shaped_run(ctx: Context, stage_name: str, name: str, shape: dict, flags: list[str], engine: str) -> Run:
+    folder = ctx.work / "runs" / stage_name / name
+    layers = ["--num_hidden_layers", str(shape["layers"])] if shape["layers"] else []
+    return Run(name, ["-m", "shardkit.train", "--model_name_or_path", shape["model"], "--per_device_train_batch_size",
+                      str(shape["micro_batch"]), "--model_max_length", str(shape["seq_len"]), *layers, *flags,
+                      "--engine", engine, "--bf16", "True", "--tf32", "True", "--gradient_checkpointing", "True",
+                      "--gradient_accumulation_steps", "1", "--max_steps", str(shape["steps"]), "--save_strategy",
+                      "no", "--num_examples", "640", "--nproc_per_node", "1", "--output_dir", str(folder),
+                      "--run_name", name], folder)
+
+
 def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
-    if ctx.cuda:
-        model, layers, batch, seq, steps = "llama-7b", 8, 4, 2048, 10
-    else:
-        model, layers, batch, seq, steps = "tiny", None, 4, 64, 4
-    shape = ["--model_name_or_path", model, "--per_device_train_batch_size", str(batch), "--model_max_length",
-             str(seq)] + (["--num_hidden_layers", str(layers)] if layers else [])
-    stage["shape"] = {"model": model, "layers": layers, "micro_batch": batch, "seq_len": seq, "steps": steps,
-                      "ranks": 1}
+    shape = layer_shaped(ctx, 4, 10 if ctx.cuda else 4)
+    stage["shape"] = shape
     runs, predicted, workloads = [], {}, {}
     for method, flags in ENGINE_METHODS.items():
-        w = planner.workload(model, Parallelism(method, offload=False), 1, batch, True, 1, "eager", seq)
-        if layers:
-            w = dataclasses.replace(w, shape=dataclasses.replace(w.shape, layers=layers))
+        w = layer_shaped_workload(shape, Parallelism(method, offload=False))
         workloads[method] = w
         predicted[method] = planner.predict(w, "today", CARD).live
         for engine in ("native", "hf"):
-            folder = ctx.work / "runs" / "engines" / f"{method}.{engine}"
-            runs.append(Run(f"{method}.{engine}", ["-m", "shardkit.train", *shape, *flags, "--engine", engine,
-                                                   "--bf16", "True", "--tf32", "True", "--gradient_checkpointing",
-                                                   "True", "--gradient_accumulation_steps", "1", "--max_steps",
-                                                   str(steps), "--save_strategy", "no", "--num_examples", "640",
-                                                   "--nproc_per_node", "1", "--output_dir", str(folder),
-                                                   "--run_name", f"{method}.{engine}"], folder))
+            runs.append(layer_shaped_run(ctx, "engines", f"{method}.{engine}", shape, flags, engine))
     stage["notes"].append("Steady state: the median step after 2 warm-up steps. MFU against the card's datasheet "
                           "dense bf16 peak; 'of matmul' against the bf16 matmul rate each run measured at start. "
                           "Planner: today's stack (the native engine), live bytes; its step time on the card the run "
                           "reports, at the matmul rate the run measured (docs/planner.md), and the measured "
                           "s/step's error against it.")
+    steps = shape["steps"]
     for run in runs:
         (outcome,) = run_all(ctx, stage, [run], deadline)
         method, engine = run.name.split(".")
@@ -651,6 +661,41 @@ def _predicted_step(w, doc: dict) -> float | None:
     return planner.predict(w, "today", CARD, hardware=hardware).time.step_seconds if hardware else None
 
 
+def stage_zero3_lead(ctx: Context, stage: dict, deadline: float) -> None:
+    """ZeRO-3 + offload on one GPU at a small and a large micro-batch, against the planner's gathered layers
+    awaiting the compute stream (docs/planner.md): a layer's fetch from the host against its forward decides
+    whether the CPU gets ahead, so the reserved bytes beyond allocated should grow with the batch as predicted."""
+    parallelism = Parallelism("zero3", offload=True)
+    flags = recipes.method_flags(parallelism)
+    stage["notes"].append("One rank, native engine, today's stack. Held layers: (max reserved - max allocated) / "
+                          "(2 x a layer's parameters), what the planner's lead predicts (its other reserve is 0 "
+                          "here); the planner's rates are the card's the run reports, at the matmul rate it "
+                          "measured.")
+    for batch in (2, 8) if ctx.cuda else (1, 4):
+        shape = layer_shaped(ctx, batch, 4 if ctx.cuda else 2)
+        stage.setdefault("shapes", []).append(shape)
+        w = layer_shaped_workload(shape, parallelism)
+        (outcome,) = run_all(ctx, stage, [layer_shaped_run(ctx, "zero3_lead", f"zero3_offload.bs{batch}", shape,
+                                                           flags, "native")], deadline)
+        doc = outcome["results"] or {}
+        environment = doc.get("environment") or {}
+        hardware = planner.hardware_for((environment.get("gpu") or {}).get("name"), environment.get("matmul_bf16_flops"))
+        lead = planner.zero3_forward_lead(w, "today", hardware) if hardware else None
+        p = planner.predict(w, "today", CARD, hardware=hardware) if hardware else None
+        memory = memory_columns(doc)
+        layer_bytes = 2 * w.shape.layer_params
+        held = (memory["reserved"] - memory["allocated"]) / layer_bytes if memory["reserved"] else None
+        row = {"name": f"zero3_offload.bs{batch}", "micro_batch": batch, **_brief(outcome),
+               "fetch_ms": lead and lead.fetch_s * 1e3, "forward_ms": lead and lead.forward_s * 1e3,
+               "predicted_layers": lead and lead.layers, "held_layers": held,
+               "predicted_allocated": p and p.allocated, "predicted_reserved": p and p.reserved, **memory}
+        row["checks"] = {"status ok": outcome["status"] == "ok", "device": device_check(ctx, doc),
+                         **memory_checks(ctx, doc)}
+        stage["rows"].append(finish_row(row))
+        stage["results"][row["name"]] = outcome["results"]
+        ctx.save()
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -669,7 +714,9 @@ STAGES = [
           stage_replays),
     Stage("engines", "LLaMA-7B-layer-shaped model through both engines", (170, 300), 90, stage_engines),
     Stage("replays_2023", "Fake-world replays with the 2023 stack (FSDP1) against the planner and the table",
-          (300, 150), 0, stage_replays_2023),
+          (300, 150), 30, stage_replays_2023),
+    Stage("zero3_lead", "ZeRO-3 + offload: gathered layers awaiting the compute stream against the planner",
+          (150, 150), 0, stage_zero3_lead),
 ]
 
 
@@ -852,9 +899,19 @@ def _render_engines(stage: dict) -> list[str]:
     return out
 
 
+def _render_zero3_lead(stage: dict) -> list[str]:
+    rows = [[r["name"], r["status"], _num(r["fetch_ms"], ".1f"), _num(r["forward_ms"], ".1f"),
+             _num(r["predicted_layers"], ".1f"), _num(r["held_layers"], ".1f"), _gib(r["predicted_allocated"]),
+             _gib(r["allocated"]), _gib(r["predicted_reserved"]), _gib(r["reserved"]), _failed(r)]
+            for r in stage["rows"]]
+    return _table(["run", "status", "fetch per layer (ms)", "forward per layer (ms)", "planner lead (layers)",
+                   "held (layers)", "planner allocated GiB", "allocated GiB", "planner reserved GiB", "reserved GiB",
+                   "checks"], rows)
+
+
 RENDERERS = {"environment": _render_environment, "gpu_tests": _render_gpu_tests, "tiny": _render_tiny,
              "oom": _render_oom, "replays": _render_replays, "engines": _render_engines,
-             "replays_2023": _render_replays}
+             "replays_2023": _render_replays, "zero3_lead": _render_zero3_lead}
 
 
 # --- entry point --------------------------------------------------------------------------------------------------

@@ -114,7 +114,8 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["rehearsal"] is True
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines", "replays_2023"]
+    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines", "replays_2023",
+                            "zero3_lead"]
     assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(stages, "done")
     assert all(row["ok"] for s in stages.values() for row in s["rows"])
 
@@ -163,9 +164,14 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     assert [r["method"] for r in stages["engines"]["ratios"]] == ["zero3"]
     assert all(r["predicted_s_per_step"] is None for r in engines.values())  # no card on CPU: not predicted
 
+    leads = stages["zero3_lead"]["rows"]
+    assert [r["micro_batch"] for r in leads] == [1, 4]
+    assert all(r["status"] == "ok" and r["predicted_layers"] is None for r in leads)  # no card on CPU: not predicted
+    assert stages["zero3_lead"]["results"]["zero3_offload.bs4"]["run"]["offload"] is True
+
     markdown = (out / "report.md").read_text()
     for s in stages.values():
         assert f"## {s['title']}" in markdown
     assert done.stdout.rstrip().endswith(markdown.rstrip().splitlines()[-1])  # printed at the end
     with tarfile.open(out / "runs.tgz") as tar:
-        assert sum(name.endswith("/results.json") for name in tar.getnames()) == 6 + 1 + 1 + 3 + 1
+        assert sum(name.endswith("/results.json") for name in tar.getnames()) == 6 + 1 + 1 + 3 + 1 + 2
