@@ -111,3 +111,23 @@ def test_a_row_run_on_another_stack_lands_beside_todays_and_never_passes_for_it(
                               "--print-command", "--stack=2023"], cwd=ROOT, env=cpu_env(SHARDKIT_RECIPES=str(recipe_dir)),
                              capture_output=True, text=True, timeout=300)
     assert f"--output_dir {(results / 'full-2023-emulated' / 'tiny_ok').resolve()}" in printed.stdout
+
+
+def test_rows_for_a_container_are_not_refused_for_what_this_machine_lacks(monkeypatch, tmp_path):
+    # The host that drives the containers may have no GPU build of torch, or one without the card's kernels:
+    # only a row that runs here is checked against this machine's installation.
+    from shardkit.engine import preflight
+    from shardkit.errors import UsageError
+    from shardkit.orchestration import campaign
+
+    def lacking():
+        raise UsageError("this machine's torch cannot run it")
+
+    monkeypatch.setattr(preflight, "check_gpu_kernels", lacking)
+    ran = []
+    in_container = campaign.Runner(lambda row, timeout_s: ran.append(row.recipe.name) or 0, period=False, here=False)
+    campaign.reproduce(["tiny_fsdp_2cpu_bs4"], tmp_path, None, False, None, [], runner=in_container)
+    assert ran == ["tiny_fsdp_2cpu_bs4"]
+    here = campaign.Runner(lambda row, timeout_s: 0, period=False)
+    with pytest.raises(UsageError, match="recipe tiny_fsdp_2cpu_bs4: this machine's torch cannot run it"):
+        campaign.reproduce(["tiny_fsdp_2cpu_bs4"], tmp_path / "here", None, False, None, [], runner=here)

@@ -230,7 +230,7 @@ def _dispatch(args, extra: list[str]) -> int:
         if args.print_command:
             print(f"cd {recipes.RECIPES_DIR} && {recipes.torchrun_command(recipe, str(folder.resolve()))}")
             return 0
-        row = campaign.resolve_row(recipe, folder, extra, args.probe)
+        row = campaign.resolve_row(recipe, folder, extra, args.probe, checks_here=False)
         if row.run.config.dry_run:  # what the row would run, and nothing started or written
             from .spec.resolve import dry_run_text
 
@@ -239,7 +239,8 @@ def _dispatch(args, extra: list[str]) -> int:
         runner = campaign.row_runner(args.runner, args.image, args.results)
         if runner.period != campaign.period_here():  # the image's stack is not this one: its folder
             folder = campaign.row_dir(args.results, recipe, args.probe, campaign.row_stack(extra, runner.period))
-            row = campaign.resolve_row(recipe, folder, extra, args.probe)
+        # What this machine lacks matters only to a row that runs here; a container checks its own.
+        row = campaign.resolve_row(recipe, folder, extra, args.probe, runner.here)
         code = runner(row, args.timeout)
         result = folder / "results.json"
         print(f"results: {result}" if result.is_file() else f"no results in {folder}", file=sys.stderr)

@@ -119,8 +119,11 @@ class Row:
     run: ResolvedRun
 
 
-def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], probe: int | None) -> Row:
-    """The row's command line, parsed and resolved once; refused input names the recipe."""
+def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], probe: int | None,
+                checks_here: bool = True) -> Row:
+    """The row's command line, parsed and resolved once; refused input names the recipe. ``checks_here``
+    False (the row runs in a container, whose own stack and devices it checks there): only what is wrong on
+    any machine is checked here, not what this machine's installation lacks."""
     from ..engine.preflight import check_engine
     from ..spec.flags import parse_args
     from ..spec.resolve import resolve
@@ -128,7 +131,7 @@ def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], prob
     try:
         cfg, launch = parse_args(train_argv(recipe, folder, overrides, probe))
         run = resolve(cfg, launch)
-        check_engine(run, for_training=not cfg.dry_run)
+        check_engine(run, for_training=checks_here and not cfg.dry_run)
         if run.plan.parallelism != recipe.parallelism:
             said = "offloads" if run.plan.parallelism.offload else "does not offload"
             raise UsageError(f"METHOD {recipe.method} contradicts {cfg.deepspeed or '--fsdp ' + cfg.fsdp!r}, which "
@@ -258,7 +261,7 @@ def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_pred
 
     console = Console(stderr=True)
     # Every row is resolved (and so checked) before any row runs.
-    rows = [resolve_row(recipe, row_dir(root, recipe, probe, stack), overrides, probe)
+    rows = [resolve_row(recipe, row_dir(root, recipe, probe, stack), overrides, probe, runner.here)
             for recipe in map(recipes.load_recipe, names)]
     memories = visible_gpu_memory()
     gpus = len(memories)
@@ -290,10 +293,12 @@ def _reproduce(names, root, probe, force, timeout_s, overrides, runner, run_pred
 
 @dataclass(frozen=True)
 class Runner:
-    """What runs one row (``run(row, timeout_s)`` -> exit code), and whether it runs on the period stack."""
+    """What runs one row (``run(row, timeout_s)`` -> exit code), whether it runs on the period stack, and
+    whether it runs here (with this machine's installation) or in a container."""
 
     run: Callable[[Row, float | None], int]
     period: bool
+    here: bool = True
 
     def __call__(self, row: Row, timeout_s: float | None) -> int:
         return self.run(row, timeout_s)
@@ -320,4 +325,4 @@ def row_runner(kind: str, image: str, results_root: Path) -> Runner:
         return containers.run_recipe(image, row, results_root, timeout_s)
 
     flavour = containers.image_flavour(connection or containers.client(), image)
-    return Runner(in_container, flavour == "period")
+    return Runner(in_container, flavour == "period", here=False)
