@@ -127,7 +127,10 @@ def test_rows_for_a_container_are_not_refused_for_what_this_machine_lacks(monkey
     ran = []
     in_container = campaign.Runner(lambda row, timeout_s: ran.append(row.recipe.name) or 0, period=False, here=False)
     campaign.reproduce(["tiny_fsdp_2cpu_bs4"], tmp_path, None, False, None, [], runner=in_container)
-    assert ran == ["tiny_fsdp_2cpu_bs4"]
+    # Nor for a package only the image has (flash_attn is not installed here).
+    campaign.reproduce(["tiny_fsdp_2cpu_bs4"], tmp_path / "flash", None, False, None,
+                       ["--attn_implementation", "flash_attention_2"], runner=in_container)
+    assert ran == ["tiny_fsdp_2cpu_bs4"] * 2
     here = campaign.Runner(lambda row, timeout_s: 0, period=False)
     with pytest.raises(UsageError, match="recipe tiny_fsdp_2cpu_bs4: this machine's torch cannot run it"):
         campaign.reproduce(["tiny_fsdp_2cpu_bs4"], tmp_path / "here", None, False, None, [], runner=here)

@@ -114,8 +114,8 @@ def test_rehearsal_runs_every_stage_on_cpu_and_writes_a_report_that_parses(tmp_p
     report = json.loads((out / "report.json").read_text())
     assert report["rehearsal"] is True
     stages = {s["name"]: s for s in report["stages"]}
-    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines", "replays_2023",
-                            "zero3_lead"]
+    assert list(stages) == ["environment", "gpu_tests", "tiny", "oom", "replays", "engines", "zero3_lead",
+                            "replays_2023"]
     assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(stages, "done")
     assert all(row["ok"] for s in stages.values() for row in s["rows"])
 

@@ -234,6 +234,7 @@ def _dispatch(args, extra: list[str]) -> int:
         if row.run.config.dry_run:  # what the row would run, and nothing started or written
             from .spec.resolve import dry_run_text
 
+            campaign.check_row(row)
             print(dry_run_text(row.run))
             return 0
         runner = campaign.row_runner(args.runner, args.image, args.results)

@@ -122,23 +122,34 @@ class Row:
 def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], probe: int | None,
                 checks_here: bool = True) -> Row:
     """The row's command line, parsed and resolved once; refused input names the recipe. ``checks_here``
-    False (the row runs in a container, whose own stack and devices it checks there): only what is wrong on
-    any machine is checked here, not what this machine's installation lacks."""
-    from ..engine.preflight import check_engine
+    False (the row runs in a container, which checks its own installation, stack and devices): nothing this
+    machine has installed is asked (check_row does that for a row that runs here)."""
     from ..spec.flags import parse_args
     from ..spec.resolve import resolve
 
     try:
         cfg, launch = parse_args(train_argv(recipe, folder, overrides, probe))
         run = resolve(cfg, launch)
-        check_engine(run, for_training=checks_here and not cfg.dry_run)
         if run.plan.parallelism != recipe.parallelism:
             said = "offloads" if run.plan.parallelism.offload else "does not offload"
             raise UsageError(f"METHOD {recipe.method} contradicts {cfg.deepspeed or '--fsdp ' + cfg.fsdp!r}, which "
                              f"{said}: the run would be {run.plan.parallelism.name}")
     except UsageError as error:
         raise UsageError(f"recipe {recipe.name}: {error}") from None
-    return Row(recipe, folder, tuple(overrides), probe, run)
+    row = Row(recipe, folder, tuple(overrides), probe, run)
+    if checks_here:
+        check_row(row)
+    return row
+
+
+def check_row(row: Row) -> None:
+    """What this machine's installation lacks for the row (a dry run: only what no machine could run)."""
+    from ..engine.preflight import check_engine
+
+    try:
+        check_engine(row.run, for_training=not row.run.config.dry_run)
+    except UsageError as error:
+        raise UsageError(f"recipe {row.recipe.name}: {error}") from None
 
 
 def _tee(stream, log, echo: bool, title: str = "train") -> None:

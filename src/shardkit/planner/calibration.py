@@ -42,7 +42,7 @@ def calibration(stack: str = "2023") -> list[dict]:
                      "zero3_lead": None if lead is None else {
                          "fetch_s": lead.fetch_s, "forward_s": lead.forward_s, "layers": lead.layers,
                          "of_layers": p.workload.shape.layers, "without_lead_gb": without_lead / reference.BYTES_PER_TABLE_GB,
-                         # The table's excess over everything else the planner predicts, in gathered layers.
+                         # What the lead would have to be for the prediction to equal the table's figure.
                          "table_layers": None if ref.memory_gb is None else
                          (ref.memory_gb * reference.BYTES_PER_TABLE_GB - without_lead) / layer_bytes}})
     return rows

@@ -352,7 +352,8 @@ def zero3_gathered_ahead_terms(w: Workload, lead) -> list[Term]:
     reached yet stay held, and the pool keeps them cached afterwards. ``lead`` (time_model.zero3_forward_lead)
     says how many layers that is at the end of the forward, each 2 x layer bytes in bf16. Reserved, not
     allocated (free() has already taken them out of torch's allocated bytes), and not a cause of OOM: a failed
-    allocation synchronizes those events and frees the blocks before it gives up (release_cached_blocks)."""
+    allocation synchronizes those events and frees the blocks before it gives up (release_cached_blocks), as far
+    as no live block splits their segments."""
     if lead is None or lead.layers <= 0:
         return []
     return [_term("caching allocator", f"gathered layers awaiting the compute stream ({lead.layers:.1f} of "

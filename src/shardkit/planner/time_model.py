@@ -243,9 +243,9 @@ def layer_fetch_seconds(w: Workload, hw: Hardware) -> float:
     """How long ZeRO-3's fetch of one layer's parameters holds the CPU in forward. With offload_param each
     module's partition is copied from pinned host memory with a blocking ``ds_tensor.to(device)`` (one GPU:
     NoGatherHandle.wait synchronizes the all-gather stream), 2 x layer / N bytes over the GPU's share of PCIe;
-    with N > 1 the all-gather follows on the same stream, and the coordinator lets at most two fetches run
-    ahead of the CPU (partitioned_param_coordinator: __max_ongoing_fetch_events = 2), so the CPU also waits
-    for the ring's 2 x layer x (N-1)/N bytes over the link. DeepSpeed 0.9.2 and 0.19 alike."""
+    with N > 1 the all-gather follows on the same stream, and the coordinator waits once more than two fetches
+    are in flight (partitioned_param_coordinator: __max_ongoing_fetch_events = 2), so the CPU also waits for the
+    ring's 2 x layer x (N-1)/N bytes over the link. DeepSpeed 0.9.2 and 0.19 alike."""
     s, n = w.shape, w.gpus
     seconds = 2 * s.layer_params / n / hw.host_link_bytes_per_s(n) if w.offload else 0.0
     if n > 1:
@@ -268,7 +268,9 @@ def zero3_forward_lead(w: Workload, stack: Stack, hw: Hardware) -> ForwardLead |
     (layer_fetch_seconds). When a layer's fetch takes less than its forward on the GPU, the CPU issues the
     forward's L layers in L x fetch while the GPU finishes L x fetch / forward of them: by the end it is
     L (1 - fetch / forward) layers ahead, at most L - 1; when the fetch takes longer, the GPU waits for the
-    parameters and the CPU is not ahead. None where nothing is gathered (one GPU, parameters on it)."""
+    parameters and the CPU is not ahead. None where nothing is gathered (one GPU, parameters on it). Assumes
+    overlap_comm (the seed's config, and DeepSpeed's default for ZeRO-3): without it the fetches run on the
+    compute stream and no gathered block waits for it."""
     if w.method != "zero3" or (w.gpus == 1 and not w.offload):
         return None
     forward, fetch = layer_forward_seconds(w, stack, hw), layer_fetch_seconds(w, hw)
