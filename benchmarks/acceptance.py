@@ -658,10 +658,15 @@ def stage_engines(ctx: Context, stage: dict, deadline: float) -> None:
                                        for key in ("allocated", "reserved", "nvml")}})
 
 
+def _hardware_of(doc: dict):
+    """The planner's hardware for the card a run reports, at the matmul rate it measured; None off a known GPU."""
+    environment = doc.get("environment") or {}
+    return planner.hardware_for((environment.get("gpu") or {}).get("name"), environment.get("matmul_bf16_flops"))
+
+
 def _predicted_step(w, doc: dict) -> float | None:
     """The planner's step time for this run's card at the matmul rate the run measured; None off a known GPU."""
-    environment = doc.get("environment") or {}
-    hardware = planner.hardware_for((environment.get("gpu") or {}).get("name"), environment.get("matmul_bf16_flops"))
+    hardware = _hardware_of(doc)
     return planner.predict(w, "today", CARD, hardware=hardware).time.step_seconds if hardware else None
 
 
@@ -685,10 +690,9 @@ def stage_zero3_lead(ctx: Context, stage: dict, deadline: float) -> None:
         (outcome,) = run_all(ctx, stage, [layer_shaped_run(ctx, "zero3_lead", f"zero3_offload.bs{batch}", shape,
                                                            flags, "native")], deadline)
         doc = outcome["results"] or {}
-        environment = doc.get("environment") or {}
-        hardware = planner.hardware_for((environment.get("gpu") or {}).get("name"), environment.get("matmul_bf16_flops"))
-        lead = planner.zero3_forward_lead(w, "today", hardware) if hardware else None
+        hardware = _hardware_of(doc)
         p = planner.predict(w, "today", CARD, hardware=hardware) if hardware else None
+        lead = p and p.lead
         memory = memory_columns(doc)
         layer_bytes = 2 * w.shape.layer_params
         held = (memory["reserved"] - memory["allocated"]) / layer_bytes if memory["reserved"] else None

@@ -240,8 +240,9 @@ def _dispatch(args, extra: list[str]) -> int:
         runner = campaign.row_runner(args.runner, args.image, args.results)
         if runner.period != campaign.period_here():  # the image's stack is not this one: its folder
             folder = campaign.row_dir(args.results, recipe, args.probe, campaign.row_stack(extra, runner.period))
-        # What this machine lacks matters only to a row that runs here; a container checks its own.
-        row = campaign.resolve_row(recipe, folder, extra, args.probe, runner.here)
+            row = campaign.resolve_row(recipe, folder, extra, args.probe, checks_here=False)
+        if runner.here:  # what this machine lacks matters only to a row that runs here; a container checks its own
+            campaign.check_row(row)
         code = runner(row, args.timeout)
         result = folder / "results.json"
         print(f"results: {result}" if result.is_file() else f"no results in {folder}", file=sys.stderr)

@@ -28,9 +28,8 @@ from .predict import (
 )
 from .render import render, render_search, time_summary
 from .search import ranked, search
-from .time_model import zero3_forward_lead
 
 __all__ = ["CARDS", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
            "calibration_figure", "calibration_markdown", "hardware_for", "parse_size", "predict", "predict_recipe",
            "ranked", "recipe_workload", "render", "render_search", "search", "shape_of", "time_calibration_figure",
-           "time_calibration_markdown", "time_summary", "workload", "zero3_forward_lead", "zero3_lead_markdown"]
+           "time_calibration_markdown", "time_summary", "workload", "zero3_lead_markdown"]

@@ -24,7 +24,7 @@ def calibration(stack: str = "2023") -> list[dict]:
             residual = predicted_gb / ref.memory_gb - 1
         verdict_agrees = (p.verdict == "oom") == (ref.status == "oom")
         t = p.time
-        lead = tm.zero3_forward_lead(p.workload, stack, p.hardware)
+        lead = p.lead
         layer_bytes = 2 * p.workload.shape.layer_params
         without_lead = p.nvidia_smi - lead.layers * layer_bytes if lead else None
         time_residual = t.run_seconds / ref.time_s - 1 if ref.time_s else None

@@ -95,6 +95,8 @@ class Prediction:
     hardware: Hardware = REFERENCE
     """The node the time is predicted for; memory depends on it only through ZeRO-3's gathered layers awaiting
     the compute stream, a race between the host link and the GPU (memory_model.zero3_gathered_ahead_terms)."""
+    lead: tm.ForwardLead | None = None
+    """How far ZeRO-3's CPU runs ahead of the GPU in forward on ``hardware``; None where nothing is gathered."""
 
     @cached_property
     def time(self) -> tm.TimePrediction:
@@ -260,8 +262,9 @@ def predict(w: mm.Workload, stack: str = "today", gpu_memory: int = DEFAULT_GPU_
             host_memory: int | None = None, name: str = "", hardware: Hardware = REFERENCE) -> Prediction:
     if stack not in mm.STACKS:
         raise UsageError(f"--stack {stack!r}: one of {', '.join(mm.STACKS)}")
-    terms = [*mm.terms(w, stack), *mm.zero3_gathered_ahead_terms(w, tm.zero3_forward_lead(w, stack, hardware))]
-    return Prediction(name, stack, w, gpu_memory, host_memory, terms, hardware)
+    lead = tm.zero3_forward_lead(w, stack, hardware)
+    terms = [*mm.terms(w, stack), *mm.zero3_gathered_ahead_terms(w, lead)]
+    return Prediction(name, stack, w, gpu_memory, host_memory, terms, hardware, lead)
 
 
 def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
