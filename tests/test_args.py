@@ -46,7 +46,6 @@ def test_gpu_memory_cap_is_a_size_in_gib():
     (["--evaluation_strategy", "steps"], "--eval_strategy 'steps'"),
     (["--fsdp", "full_shard hybrid"], "unsupported option(s) ['hybrid']"),
     (["--fsdp", "full_shard", "--deepspeed", "x.json"], "--fsdp and --deepspeed are exclusive"),
-    (["--fsdp_transformer_layer_cls_to_wrap", "GPT2Block"], "LlamaDecoderLayer"),
     (["--attn_implementation", "flash"], "--attn_implementation 'flash'"),
     (["--max_gpu_memory", "0"], "--max_gpu_memory '0'"),
 ])
@@ -56,3 +55,11 @@ def test_bad_flags_are_one_line_errors_naming_the_flag(argv, fragment):
     message = str(error.value)
     assert fragment in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("model, layer", [("llama-7b", "LlamaDecoderLayer"), ("Qwen/Qwen2.5-7B", "Qwen2DecoderLayer")])
+def test_a_wrap_class_other_than_the_models_decoder_layer_is_one_line_naming_it(model, layer):
+    with pytest.raises(UsageError) as error:
+        resolve(parse_args(["--model_name_or_path", model, "--fsdp", "full_shard auto_wrap",
+                            "--fsdp_transformer_layer_cls_to_wrap", "GPT2Block"])[0])
+    assert str(error.value) == f"--fsdp_transformer_layer_cls_to_wrap 'GPT2Block': {model}'s decoder layer is {layer}"

@@ -91,7 +91,7 @@ def test_explicit_deepspeed_batch_that_contradicts_the_flags(tmp_path):
 
 
 @pytest.mark.parametrize("values, ranks, fragment", [
-    ({"model_name_or_path": "gpt-j-6b"}, 2, "--model_name_or_path 'gpt-j-6b': not a preset"),
+    ({"model_name_or_path": "gpt-j-6b"}, 2, "--model_name_or_path 'gpt-j-6b': not a catalogued model"),
     ({"data_path": "/nonexistent/alpaca.json"}, 2, "--data_path '/nonexistent/alpaca.json': no such file"),
     ({"num_examples": 3}, 4, "4 ranks but only 3 examples"),
     ({"num_examples": 16, "per_device_train_batch_size": 8}, 4, "needs more than the 16 examples"),

@@ -106,7 +106,7 @@ def test_one_layers_saved_tensors_are_what_transformers_saves(attention):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         layer(x, attention_mask=mask if attention == "eager" else None, position_ids=positions,
               position_embeddings=(cos, sin))
-    w = mm.Workload(mm.Shape(h, inter, 1, heads, 1000), Parallelism("fsdp", False), 1, batch, seq, True, 1, attention)
+    w = mm.Workload(mm.Architecture(h, inter, 1, heads, 1000), Parallelism("fsdp", False), 1, batch, seq, True, 1, attention)
     assert sum(saved.values()) == by_name(planner.predict(w))["one layer recomputed in backward"].bytes
 
 
@@ -335,7 +335,7 @@ def test_cli_model_search(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["plan", "llama-7b_fsdp_8gpu_bs1", "--gpu-mem", "0"], "--gpu-mem '0': must be more than 0 bytes"),
     (["plan", "llama-7b_fsdp_8gpu_bs1", "--gpu-mem", "lots"], "--gpu-mem 'lots': expected a size"),
-    (["plan", "--model", "llama-31b", "--gpus", "4"], "unknown model 'llama-31b'"),
+    (["plan", "--model", "llama-31b", "--gpus", "4"], "--model 'llama-31b': not a catalogued model"),
     (["plan", "--model", "llama-7b", "--gpus", "4", "--global-batch", "10"], "--global-batch 10: does not divide"),
     (["plan", "--model", "llama-7b", "--gpus", "0"], "--gpus 0: needs at least one GPU"),
     (["plan", "--model", "llama-7b", "--gpus", "0", "--global-batch", "8"], "--gpus 0: needs at least one GPU"),

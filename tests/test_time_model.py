@@ -19,7 +19,7 @@ ROUND = hwm.Card("round card", 1e3, "test", hbm_bytes_per_s=1e2, nvlink_bytes_pe
 ROUND_HOST = hwm.Host("round host", cores=10, memory_bytes_per_s=100e9, gpus_per_pcie_uplink=2, source="test")
 ROUND_HW = hwm.Hardware(ROUND, ROUND_HOST)
 # h=4, I=8, one layer, one head, vocabulary 10.
-SMALL = mm.Shape(hidden=4, intermediate=8, layers=1, heads=1, vocab=10)
+SMALL = mm.Architecture(hidden=4, intermediate=8, layers=1, heads=1, vocab=10)
 
 
 def small(ckpt=False, attention="sdpa", method="fsdp", offload=False, gpus=1, accumulation=1):

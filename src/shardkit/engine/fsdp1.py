@@ -5,7 +5,7 @@ read (``--stack 2023``; the planner's 2023 terms, docs/planner.md).
 Each choice and its source:
 - every rank first builds the whole model in fp32 (Alpaca's train.py calls ``from_pretrained`` on each rank
   before the Trainer wraps it): the host holds one full copy per rank while loading;
-- one FSDP unit per ``LlamaDecoderLayer`` (transformer_auto_wrap_policy, HF's ``--fsdp auto_wrap``), the rest
+- one FSDP unit per decoder layer (``LlamaDecoderLayer``) (transformer_auto_wrap_policy, HF's ``--fsdp auto_wrap``), the rest
   in the root; FULL_SHARD; flat parameters (``use_orig_params=False``, 4.28 did not set it);
 - ``MixedPrecision(param_dtype=bf16, reduce_dtype=bf16, buffer_dtype=bf16)`` with ``--bf16`` (4.28
   ``Trainer._wrap_model``), gradients reduce-scattered in bf16 and kept in the fp32 shard;
@@ -34,7 +34,7 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from ..errors import UsageError
 from .fsdp import FsdpStrategy
-from .models import build_model, enable_checkpointing
+from .models import build_model, decoder_layer_class, enable_checkpointing
 from .optim import adamw, linear_schedule
 
 if TYPE_CHECKING:
@@ -42,14 +42,12 @@ if TYPE_CHECKING:
 
 
 def wrap_2023(model, bf16: bool, offload_to_cpu: bool, device: torch.device):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     dtype = torch.bfloat16 if bf16 else None
     mixed = MixedPrecision(param_dtype=dtype, reduce_dtype=dtype, buffer_dtype=dtype) if bf16 else None
     return FSDP(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
                 cpu_offload=CPUOffload(offload_params=offload_to_cpu),
                 auto_wrap_policy=functools.partial(transformer_auto_wrap_policy,
-                                                   transformer_layer_cls={LlamaDecoderLayer}),
+                                                   transformer_layer_cls={decoder_layer_class(model)}),
                 mixed_precision=mixed, device_id=device, backward_prefetch=BackwardPrefetch.BACKWARD_PRE,
                 forward_prefetch=False, limit_all_gathers=False)
 

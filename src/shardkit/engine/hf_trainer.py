@@ -16,6 +16,7 @@ import torch
 
 from ..errors import UsageError
 from ..results.record import Recorder
+from ..spec.architecture import decoder_layer_of
 from .measure import StepClock
 from .progress import Progress
 
@@ -82,7 +83,7 @@ def training_arguments(run: ResolvedRun, device) -> dict:
         args["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     if plan.parallelism.kind == "fsdp":
         args["fsdp"] = cfg.fsdp
-        layer = cfg.fsdp_transformer_layer_cls_to_wrap or "LlamaDecoderLayer"
+        layer = cfg.fsdp_transformer_layer_cls_to_wrap or decoder_layer_of(plan.model.hf_config)
         if "fsdp_transformer_layer_cls_to_wrap" in fields:
             args["fsdp_transformer_layer_cls_to_wrap"] = layer
         else:

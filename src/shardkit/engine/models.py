@@ -1,17 +1,20 @@
-"""Model construction. No distributed imports: sharding is applied from outside (``fsdp.py``, ``zero3.py``,
-``hf_trainer.py``)."""
+"""Model construction for any decoder-only causal LM transformers builds. No distributed imports: sharding is
+applied from outside (``fsdp.py``, ``fsdp1.py``, ``zero3.py``, ``hf_trainer.py``)."""
 
 from __future__ import annotations
 
 from ..spec.presets import ModelSpec
 
+# Keys of a config.json that describe the file, not the model (its torch_dtype stays: transformers 5 builds in it).
+_NOT_ARCHITECTURE = ("architectures", "transformers_version", "_name_or_path")
 
-def llama_config(spec: ModelSpec, attn_implementation: str):
-    from transformers import LlamaConfig
 
-    values = {k: v for k, v in spec.hf_config.items() if k not in ("architectures", "transformers_version")}
-    values.setdefault("num_key_value_heads", values["num_attention_heads"])
-    config = LlamaConfig(**values)
+def model_config(spec: ModelSpec, attn_implementation: str):
+    """The transformers config of the model's family (``model_type``), through the auto classes."""
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in spec.hf_config.items() if k not in (*_NOT_ARCHITECTURE, "model_type")}
+    config = AutoConfig.for_model(spec.hf_config.get("model_type", "llama"), **values)
     config._attn_implementation = attn_implementation
     config.use_cache = False
     return config
@@ -25,31 +28,57 @@ def build_model(spec: ModelSpec, attn_implementation: str, seed: int, meta: bool
     ``dtype``: the parameters' dtype whatever the folder's config.json says (transformers 5 otherwise takes
     its torch_dtype, float16 for the published LLaMA folders); transformers 5's keyword."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = llama_config(spec, attn_implementation)
+    config = model_config(spec, attn_implementation)
     if meta:
         with torch.device("meta"):
-            return LlamaForCausalLM(config)
+            return AutoModelForCausalLM.from_config(config)
     torch.manual_seed(seed)
     chosen = {} if dtype is None else {"dtype": dtype}
     if spec.weights_dir:
-        return LlamaForCausalLM.from_pretrained(spec.weights_dir, config=config, **chosen)
-    return LlamaForCausalLM._from_config(config, **chosen)
+        return AutoModelForCausalLM.from_pretrained(spec.weights_dir, config=config, **chosen)
+    return AutoModelForCausalLM.from_config(config, **chosen)
 
 
 def measured_parameter_counts(model) -> dict[str, int]:
-    """Total and matmul (every Linear weight) parameters of a built model: the ground truth the resolved
-    run's arithmetic (``spec.presets.parameter_counts``) is tested against."""
+    """Total, matmul and active matmul parameters of a built model: the ground truth the resolved run's
+    arithmetic (``spec.architecture``) is tested against. Matmul: every Linear weight (a tied LM head's too)
+    and every matrix of stacked experts; active: with experts_per_token of the experts."""
     import torch
 
     total = sum(p.numel() for p in model.parameters())
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return {"total": total, "matmul": matmul}
+    # Matrices held by modules of their own (transformers 5's routers and fused experts); 1-D ones are norms.
+    own = [p for m in model.modules() if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))
+           for p in m.parameters(recurse=False) if p.dim() >= 2]
+    experts = sum(p.numel() for p in own if p.dim() == 3)
+    routers = sum(p.numel() for p in own if p.dim() == 2)
+    per_token = getattr(model.config, "num_experts_per_tok", 0) or 0
+    routed = getattr(model.config, "num_local_experts", 0) or 0
+    active = matmul + routers + (experts * per_token // routed if routed else experts)
+    return {"total": total, "matmul": matmul + routers + experts, "active_matmul": active}
+
+
+def decoder_layer_class(model) -> type:
+    """The model's decoder layer, the FSDP unit: the one class of transformers' ``_no_split_modules`` that the
+    model holds (the modules transformers keeps whole when it splits a model across devices)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if len(classes) != 1:
+        raise RuntimeError(f"{type(model).__name__}: expected one decoder layer class in _no_split_modules "
+                           f"{sorted(names)}, found {sorted(c.__name__ for c in classes)}")
+    return classes.pop()
+
+
+def decoder_layer_class_name(spec: ModelSpec) -> str:
+    """The decoder layer's class name without building the model: HF Trainer's wrap flag takes a name."""
+    return decoder_layer_class(build_model(spec, "eager", 0, meta=True)).__name__
 
 
 def decoder_layers(model) -> list:
-    return list(model.model.layers)
+    layer = decoder_layer_class(model)
+    return [m for m in model.modules() if isinstance(m, layer)]
 
 
 def enable_checkpointing(model, reentrant: bool = False) -> None:

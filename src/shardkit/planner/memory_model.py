@@ -1,4 +1,5 @@
-"""Peak memory per GPU of one training rank, term by term, for FSDP and ZeRO-3 on LLaMA shapes.
+"""Peak memory per GPU of one training rank, term by term, for FSDP and ZeRO-3 on any decoder the kit
+describes (spec/architecture.py: grouped-query attention, head_dim, tied embeddings, biases, experts).
 
 Pure arithmetic on the model's shape and the run's settings: no torch import, so the planner answers in
 milliseconds on any machine. Every term says where its bytes live (GPU or host), whether the caching
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from math import prod
 from typing import Literal
 
+from ..spec.architecture import Architecture
 from ..spec.parallelism import Parallelism
 
 Stack = Literal["2023", "today"]
@@ -47,53 +49,10 @@ _LOSS_BYTES = {"2023": 8, "today": 12}
 
 
 @dataclass(frozen=True)
-class Shape:
-    """A LLaMA-architecture model (untied embeddings, SwiGLU MLP, RMSNorm, as many KV heads as heads)."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    vocab: int
-
-    @property
-    def layer_params(self) -> int:
-        # q, k, v, o projections; gate, up, down projections; two RMSNorm weights.
-        return 4 * self.hidden**2 + 3 * self.hidden * self.intermediate + 2 * self.hidden
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    @property
-    def params(self) -> int:
-        # Input embedding and LM head (not tied in LLaMA) and the final norm.
-        return self.layers * self.layer_params + 2 * self.embedding_params + self.hidden
-
-    def units(self) -> list[list[tuple[int, ...]]]:
-        """Parameter shapes grouped by FSDP unit, as the model holds them: one unit per decoder layer, then the
-        root (embeddings, final norm, LM head)."""
-        h, i = self.hidden, self.intermediate
-        layer = [(h, h)] * 4 + [(i, h), (i, h), (h, i), (h,), (h,)]
-        return [layer] * self.layers + [[(self.vocab, h), (h,), (self.vocab, h)]]
-
-    @property
-    def matmul_params(self) -> int:
-        """Parameters that multiply activations in a matmul: every layer's projections and the LM head (the
-        input embedding is a lookup). The N of PaLM's 6N + 12LHS (results/metrics.py)."""
-        return self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate) + self.vocab * self.hidden
-
-    @property
-    def largest_module_params(self) -> int:
-        """The biggest single module's parameters: what ZeRO-3 gathers at once at least."""
-        return max(self.embedding_params, self.hidden * self.intermediate, self.hidden**2)
-
-
-@dataclass(frozen=True)
 class Workload:
     """One rank's share of a run: everything the terms depend on."""
 
-    shape: Shape
+    shape: Architecture
     parallelism: Parallelism
     gpus: int
     micro_batch: int
@@ -216,33 +175,70 @@ def model_state_terms(w: Workload, stack: Stack) -> list[Term]:
     ]
 
 
-def activation_terms(w: Workload, stack: Stack) -> list[Term]:
-    """What the forward saves for backward and what the backward allocates on top, per rank."""
+def native_gqa(w: Workload) -> bool:
+    """transformers 5 hands grouped key-value heads to SDPA as they are (enable_gqa) when there is no mask and
+    head_dim <= 256 (integrations/sdpa_attention.use_gqa_in_sdpa); eager attention, and SDPA otherwise, repeat
+    them to every head first (repeat_kv), and the attention then saves the repeated copies."""
+    return w.attention == "sdpa" and w.shape.head_dim <= 256
+
+
+def layer_saved_bytes(w: Workload, stack: Stack) -> tuple[int, str]:
+    """Bytes one decoder layer's forward saves for its backward, and the formula, in Korthikanti et al.'s
+    notation with Q = heads x head_dim (query and attention-output width), K = key-value heads x head_dim."""
     s = w.shape
     t, h, i, a, b, seq = w.tokens, s.hidden, s.intermediate, s.heads, w.micro_batch, w.seq_len
-    scores = a * b * seq * seq
+    q, kv = s.q_width, s.kv_width if native_gqa(w) else s.q_width
     # Per layer, bf16 unless noted. Each RMSNorm saves its fp32 input copy (4Th), its fp32 1/rms per token
     # (4T), the normalized bf16 tensor the weight multiplies (2Th) and the product the projections read
-    # (2Th); then rotated q and k and v (6Th), the attention output made contiguous for o_proj (2Th), and
+    # (2Th); then rotated q, k and v (2TQ + 4TK), the attention output made contiguous for o_proj (2TQ), and
     # the MLP's gate, SiLU, up and product (8TI). transformers 4.28's RMSNorm multiplies its bf16 *input*
     # by 1/rms, so it saves that input too: the residual sum before the second norm (2Th) and, without
     # checkpointing, the layer's input (2Th; with checkpointing that is the checkpoint itself).
     # tests/test_planner.py counts what transformers 5 saves, tensor by tensor, and finds exactly this.
-    saved_layer = 24 * t * h + 8 * t + 8 * t * i
+    norms = s.norms_per_layer * (8 * t * h + 4 * t)
+    attention = 4 * t * q + 4 * t * kv
+    parts = [f"{s.norms_per_layer} x (8Th + 4T)", "4TQ + 4TK"]
+    if s.qk_norm:
+        # Qwen3's per-head RMSNorm of q and k: fp32 copy, 1/rms per head and token, normalized bf16.
+        attention += 6 * t * (q + s.kv_width) + 4 * t * (a + s.kv_heads)
+        parts.append("6T(Q + K) + 4T(a + k)")
+    if s.moe:
+        # Each token's hidden state, gathered for each of its experts, and that expert's SwiGLU (8TI per
+        # token and expert), then the router's fp32 probabilities; tokens per expert do not matter, the sum does.
+        k = s.experts_per_token
+        mlp = k * (2 * t * h + 8 * t * i) + 4 * t * s.experts
+        parts.append(f"{k} x (2Th + 8TI) + 4TE")
+    else:
+        mlp = 8 * t * i
+        parts.append("8TI")
+    saved = norms + attention + mlp
     if stack == "2023":
-        saved_layer += 2 * t * h + (0 if w.grad_ckpt else 2 * t * h)
+        saved += 2 * t * h + (0 if w.grad_ckpt else 2 * t * h)
+        parts.append(f"{2 if w.grad_ckpt else 4}Th")
     if w.attention == "eager":
-        saved_layer += _SCORE_BYTES_SAVED[stack] * scores
+        saved += _SCORE_BYTES_SAVED[stack] * a * b * seq * seq
+        parts.append(f"{_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores")
+    else:
+        saved += 4 * a * t  # memory-efficient / flash attention keeps only the fp32 log-sum-exp
+        parts.append("4aT (no s^2 term)")
+    return saved, " + ".join(parts)
+
+
+def activation_terms(w: Workload, stack: Stack) -> list[Term]:
+    """What the forward saves for backward and what the backward allocates on top, per rank."""
+    s = w.shape
+    t, h, a, b, seq = w.tokens, s.hidden, s.heads, w.micro_batch, w.seq_len
+    scores = a * b * seq * seq
+    saved_layer, formula = layer_saved_bytes(w, stack)
+    if w.attention == "eager":
         # In softmax's backward the bf16 probabilities are already freed (their matmul ran first) while the
         # fp32 gradients of softmax's output and input are both held: -2 + 4 + 4 bytes per score.
         transient, transient_source = 6 * scores, "eager softmax backward: two fp32 score gradients at once"
     else:
-        saved_layer += 4 * a * t  # memory-efficient / flash attention keeps only the fp32 log-sum-exp
-        transient, transient_source = 6 * t * h, "SDPA backward: gradients of q, k and v"
-    base = "24Th + 8T + 8TI" if stack == "today" else f"{26 if w.grad_ckpt else 28}Th + 8T + 8TI"
-    layer_source = (f"per-layer saved tensors: {base} + {_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores"
-                    if w.attention == "eager" else f"per-layer saved tensors: {base} + 4aT (no s^2 term)")
-    layer_source += " (Korthikanti et al. 2022 eq. 1, redone for LLaMA's blocks and the stack's attention code)"
+        kv = s.kv_width if native_gqa(w) else s.q_width
+        transient, transient_source = 2 * t * (s.q_width + 2 * kv), "SDPA backward: gradients of q, k and v"
+    layer_source = (f"per-layer saved tensors: {formula} (Korthikanti et al. 2022 eq. 1, redone for the "
+                    "model's blocks and the stack's attention code)")
     terms = []
     if w.grad_ckpt:
         terms.append(_term("activations", "checkpointed layer inputs", 2 * t * h * s.layers,
@@ -280,7 +276,7 @@ def communication_terms(w: Workload, stack: Stack) -> list[Term]:
                   "reduce_bucket_size ('auto': hidden^2) bf16: the flat bucket and the .grads waiting for it",
                   phase="layer"),
         ]
-    unit, root = s.layer_params, 2 * s.embedding_params + s.hidden
+    unit, root = s.layer_params, s.root_params
     terms = [
         _term("communication and prefetch", "root unit unsharded (embeddings, LM head, norm)", 2 * root,
               "the root FSDP unit is not resharded after forward (FSDP1 _post_forward; FSDP2 root "
@@ -331,7 +327,7 @@ def reserve_terms(w: Workload, stack: Stack) -> list[Term]:
     if w.method != "fsdp" or stack != "today":
         return []
     s, n = w.shape, w.gpus
-    unit, root = s.layer_params, 2 * s.embedding_params + s.hidden
+    unit, root = s.layer_params, s.root_params
     held = 2 * (root + unit) * (1 + 1 / n)
     return [_term("caching allocator", "all-gather copy-in stream's pool (cached)", held - 2 * unit,
                   "FSDP2 foreach_all_gather allocates flat all-gather outputs and inputs on "

@@ -17,8 +17,9 @@ from functools import cached_property
 from itertools import product
 
 from ..errors import UsageError
+from ..spec.architecture import architecture_of
 from ..spec.parallelism import Parallelism
-from ..spec.presets import LLAMA1_COMMON, PRESETS, preset_name
+from ..spec.presets import resolve_name
 from . import memory_model as mm
 from . import time_model as tm
 from .hardware import REFERENCE, Hardware
@@ -42,22 +43,14 @@ def parse_size(text: str, flag: str) -> int:
     return int(value)
 
 
-def _preset(model: str) -> dict:
-    name = preset_name(model)
-    if name is None:
-        raise UsageError(f"unknown model {model!r}: the planner knows {', '.join(PRESETS)} "
-                         "(and the seed's decapoda-research/llama-*-hf names)")
-    return {**LLAMA1_COMMON, **PRESETS[name]}
-
-
-def shape_of(model: str) -> mm.Shape:
-    preset = _preset(model)
-    return mm.Shape(hidden=preset["hidden_size"], intermediate=preset["intermediate_size"],
-                    layers=preset["num_hidden_layers"], heads=preset["num_attention_heads"], vocab=preset["vocab_size"])
+def shape_of(model: str) -> mm.Architecture:
+    """A preset, a catalogued hub id or a local folder's config.json, described (spec/architecture.py)."""
+    name, hf_config, _ = resolve_name(model, "--model")
+    return architecture_of(hf_config, name)
 
 
 def seq_len_of(model: str) -> int:
-    return _preset(model)["max_position_embeddings"]
+    return shape_of(model).context
 
 
 def check_gpus(gpus: int) -> None:
@@ -238,8 +231,7 @@ class Prediction:
         w = self.workload
         return {
             "name": self.name, "stack": self.stack, "stack_description": mm.STACKS[self.stack],
-            "workload": {"hidden": w.shape.hidden, "intermediate": w.shape.intermediate, "layers": w.shape.layers,
-                         "heads": w.shape.heads, "vocab": w.shape.vocab, "parameters": w.shape.params,
+            "workload": {**w.shape.describe(), "parameters": w.shape.params,
                          "method": w.parallelism.name, "kind": w.method, "offload": w.offload, "gpus": w.gpus, "micro_batch": w.micro_batch,
                          "seq_len": w.seq_len, "grad_ckpt": w.grad_ckpt, "accumulation": w.accumulation,
                          "attention": w.attention},

@@ -108,7 +108,7 @@ def compute_terms(w: Workload, stack: Stack, hw: Hardware) -> list[TimeTerm]:
     bandwidth, and (without offload) the optimizer."""
     s, A = w.shape, w.accumulation
     tokens = w.tokens * A
-    flops = metrics.hardware_flops_per_token(s.matmul_params, s.layers, s.hidden, w.seq_len, w.grad_ckpt) * tokens
+    flops = metrics.hardware_flops_per_token(s.active_matmul_params, s.layers, s.hidden, w.seq_len, w.grad_ckpt) * tokens
     passes = 2 if w.grad_ckpt else 1  # forward passes per micro-batch: the recomputation is a second one
     hbm = hw.card.hbm_bytes_per_s
     terms = [TimeTerm("compute", "matmuls (model FLOPs + recomputation)", flops, "FLOP", hw.matmul_flops,
@@ -162,11 +162,11 @@ def communication_terms(w: Workload, stack: Stack, hw: Hardware) -> list[TimeTer
         reduces, reduce_bytes = 1, 2
         reduce_source = ("HF 4.28 runs the first A-1 micro-batches under no_sync(): FSDP1 reduce-scatters once "
                          "per step, in bf16 (HF's MixedPrecision reduce_dtype)")
-        first = 2 * s.embedding_params + s.hidden  # the root unit
+        first = s.root_params  # the root unit
     else:
         reduces, reduce_bytes = A, 4
         reduce_source = "FSDP2 as shardkit runs it reduce-scatters every micro-batch, in fp32"
-        first = 2 * s.embedding_params + s.hidden
+        first = s.root_params
     return [
         TimeTerm("communication", f"parameter all-gathers ({gathers} per micro-batch)", A * gathers * 2 * s.params * ring,
                  "B", link, resource, "link", f"bf16 parameters gathered {gathers} times per micro-batch "
@@ -232,7 +232,7 @@ def layer_forward_seconds(w: Workload, stack: Stack, hw: Hardware) -> float:
     PaLM's 6N + 12LHS), eager attention's score tensors (SCORE_BYTES, forward) and the elementwise kernels."""
     s = w.shape
     tokens = w.micro_batch * w.seq_len
-    flops = (2 * (s.layer_params - 2 * s.hidden) + 4 * s.hidden * w.seq_len) * tokens
+    flops = (2 * (s.active_matmul_params - s.embedding_params) // s.layers + 4 * s.hidden * w.seq_len) * tokens
     memory = elementwise_bytes_per_token_layer(w) * tokens
     if w.attention == "eager":
         memory += SCORE_BYTES[stack][0] * s.heads * w.micro_batch * w.seq_len**2

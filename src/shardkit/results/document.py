@@ -47,6 +47,12 @@ def _max_over_ranks(per_rank: list[dict], key: str):
     return max(values) if values else None
 
 
+def active_matmul(parameters: dict) -> int:
+    """The matmul weights one token meets (fewer than all with experts); results written before the kit knew
+    experts hold only "matmul", which was that for every model it ran."""
+    return parameters.get("active_matmul", parameters["matmul"])
+
+
 def document(*, status: str, run, recorder: Recorder | None, per_rank: list[dict], environment: dict | None,
              data_info: dict | None, failure: Failure | None, launch_time: float, now: float) -> dict:
     """The results document (docs/results.md) of a resolved run (spec.resolve.ResolvedRun) from what it
@@ -60,9 +66,9 @@ def document(*, status: str, run, recorder: Recorder | None, per_rank: list[dict
     tokens_per_step = plan.global_batch * plan.seq_len
     tokens_per_s = tokens_per_step / step_s if step_s else None
     per_gpu = tokens_per_s / plan.world_size if tokens_per_s else None
-    flops = metrics.model_flops_per_token(plan.parameters["matmul"], shape["num_hidden_layers"],
+    flops = metrics.model_flops_per_token(active_matmul(plan.parameters), shape["num_hidden_layers"],
                                           shape["hidden_size"], plan.seq_len)
-    hw_flops = metrics.hardware_flops_per_token(plan.parameters["matmul"], shape["num_hidden_layers"],
+    hw_flops = metrics.hardware_flops_per_token(active_matmul(plan.parameters), shape["num_hidden_layers"],
                                                 shape["hidden_size"], plan.seq_len, cfg.gradient_checkpointing)
     gpu = (environment or {}).get("gpu")
     peak = metrics.peak_bf16_flops(gpu["name"]) if gpu else None

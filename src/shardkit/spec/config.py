@@ -137,7 +137,8 @@ class TrainConfig(BaseModel, **STRICT):
     optimizer states on the CPU)."""
 
     fsdp_transformer_layer_cls_to_wrap: str | None = None
-    """The FSDP unit (HF's flag; only LlamaDecoderLayer is meaningful for these models)."""
+    """The FSDP unit (HF's flag): the model's decoder layer class, e.g. LlamaDecoderLayer; unset: that class,
+    from transformers' _no_split_modules. Another class is refused: the kit shards one unit per decoder layer."""
 
     deepspeed: str | None = None
     """DeepSpeed JSON config file; "auto" values are filled from these flags as HF Trainer does."""
@@ -224,9 +225,6 @@ class TrainConfig(BaseModel, **STRICT):
         if self.stack == "2023" and (not self.fsdp or self.engine != "native"):
             raise ValueError("--stack 2023 emulates the table's FSDP1 on the native engine (--fsdp); the 2023 "
                              "DeepSpeed and HF Trainer need the period stack itself (torch 2.0, transformers 4.28)")
-        if self.fsdp_transformer_layer_cls_to_wrap not in (None, "LlamaDecoderLayer"):
-            raise ValueError(f"--fsdp_transformer_layer_cls_to_wrap {self.fsdp_transformer_layer_cls_to_wrap!r}: "
-                             "these models' decoder layer is LlamaDecoderLayer")
         return self
 
     @property

@@ -1,28 +1,48 @@
-"""LLaMA-1 model presets and how a model name or folder resolves to a shape: pure data, no torch."""
+"""The models the kit knows (the catalogue of published configs, the table's LLaMA-1 presets, tiny) and how a
+model name or folder resolves to one: pure data, no torch."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from ..errors import UsageError
+from .architecture import Architecture, architecture_of, decoder_layer_of
 from .paths import read_text
 
-# Published LLaMA-1 shapes (Touvron et al. 2023, "LLaMA: Open and Efficient Foundation Language Models",
-# Table 2; intermediate sizes from the released params.json / HF configs). Vocabulary 32000, context 2048.
-PRESETS: dict[str, dict] = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
-    "llama-30b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52),
-    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64),
-    # For tests and CPU smoke runs: same architecture, small enough to train in seconds on 2 cores.
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 vocab_size=256, max_position_embeddings=64),
-}
-LLAMA1_COMMON = dict(vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                     hidden_act="silu")
+CATALOGUE_FILE = Path(__file__).parent / "data" / "models.json"
+# For tests and CPU smoke runs: LLaMA's architecture, small enough to train in seconds on 2 cores.
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=256, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            hidden_act="silu")
 SHAPE_OVERRIDES = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+
+
+@lru_cache(maxsize=1)
+def catalogue() -> dict[str, dict]:
+    """Hub id -> {family, source, config[, aliases]}: the published configurations in data/models.json."""
+    return json.loads(CATALOGUE_FILE.read_text())["models"]
+
+
+def _names() -> dict[str, str]:
+    """Every name a catalogued model answers to, lower-cased -> its hub id: the hub id, the part after the
+    owner ('llama-3.1-8b'), and its aliases (the table's 'llama-30b', the seed's decapoda-research names)."""
+    names: dict[str, str] = {}
+    for hub_id, entry in catalogue().items():
+        for name in (hub_id, hub_id.split("/")[-1], *entry.get("aliases", ())):
+            names.setdefault(name.lower(), hub_id)
+    return names
+
+
+# The LLaMA-1 shapes of the table (Touvron et al. 2023, Table 2), by the names its recipes use, and tiny.
+PRESETS: dict[str, dict] = {
+    **{alias: entry["config"] for entry in catalogue().values() for alias in entry.get("aliases", ())
+       if "/" not in alias},
+    "tiny": TINY,
+}
+LLAMA1_COMMON = {k: v for k, v in PRESETS["llama-7b"].items() if k not in SHAPE_OVERRIDES}
 
 
 def preset_name(model_name_or_path: str) -> str | None:
@@ -35,6 +55,16 @@ def preset_name(model_name_or_path: str) -> str | None:
     return None
 
 
+def catalogued(model_name_or_path: str) -> str | None:
+    """The hub id of a catalogued model named any way users write it (case-insensitive), or None."""
+    name = model_name_or_path.lower().rstrip("/")
+    return _names().get(name)
+
+
+def known_models() -> str:
+    return ", ".join([*catalogue(), "tiny"])
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Which architecture to build and where its weights come from (None: random init)."""
@@ -43,40 +73,70 @@ class ModelSpec:
     hf_config: dict
     weights_dir: str | None
 
+    @property
+    def architecture(self) -> Architecture:
+        return architecture_of(self.hf_config, self.name)
 
-def resolve_model(cfg) -> ModelSpec:
-    """Preset or local folder -> ModelSpec; raises UsageError for anything else (nothing is fetched)."""
-    overrides = {k: getattr(cfg, k) for k in SHAPE_OVERRIDES if getattr(cfg, k) is not None}
-    preset = preset_name(cfg.model_name_or_path)
+
+def named_config(model: str) -> tuple[str, dict] | None:
+    """A preset's or catalogued model's (name, config.json values), or None for any other name."""
+    preset = preset_name(model)
     if preset is not None:
-        hf_config = {**LLAMA1_COMMON, **PRESETS[preset], **overrides}
-        _check_heads(hf_config, overrides, f"the {preset} preset")
-        return ModelSpec(preset, hf_config, None)
-    path = Path(cfg.model_name_or_path)
+        return preset, PRESETS[preset]
+    hub_id = catalogued(model)
+    if hub_id is not None:
+        return hub_id, catalogue()[hub_id]["config"]
+    return None
+
+
+def read_config(config_file: Path) -> dict:
+    try:
+        hf_config = json.loads(read_text(config_file))
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{config_file}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
+    if not isinstance(hf_config, dict):
+        raise UsageError(f"{config_file}: a JSON {type(hf_config).__name__}, not a model configuration")
+    return hf_config
+
+
+def resolve_name(model: str, flag: str = "--model_name_or_path") -> tuple[str, dict, str | None]:
+    """A preset, a catalogued hub id or a local folder with config.json -> (name, config, weights folder or
+    None); raises UsageError for anything else (nothing is fetched)."""
+    named = named_config(model)
+    if named is not None:
+        return named[0], named[1], None
+    path = Path(model)
     config_file = path / "config.json"
     if config_file.is_file():
-        try:
-            hf_config = json.loads(read_text(config_file))
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{config_file}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
-        if not isinstance(hf_config, dict):
-            raise UsageError(f"{config_file}: a JSON {type(hf_config).__name__}, not a model configuration")
-        if hf_config.get("model_type") != "llama":
-            raise UsageError(f"{config_file}: model_type {hf_config.get('model_type')!r} is not llama")
         has_weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-        hf_config = {**hf_config, **overrides}
-        missing = [key for key in (*SHAPE_OVERRIDES, "vocab_size", "max_position_embeddings") if key not in hf_config]
-        if missing:
-            raise UsageError(f"{config_file}: no {', '.join(missing)}")
-        _check_heads(hf_config, overrides, str(config_file))
-        return ModelSpec(path.name, hf_config, str(path) if has_weights else None)
-    known = ", ".join(PRESETS)
-    raise UsageError(f"--model_name_or_path {cfg.model_name_or_path!r}: not a preset ({known}, or the seed's "
-                     "decapoda-research/llama-*-hf names) nor a local folder with config.json; nothing is downloaded")
+        return path.name, read_config(config_file), str(path) if has_weights else None
+    raise UsageError(f"{flag} {model!r}: not a catalogued model ({known_models()}; `shardkit models` lists them) "
+                     "nor a local folder with config.json; nothing is downloaded")
+
+
+def resolve_model(cfg) -> ModelSpec:
+    """The run's model with the configuration's shape overrides applied, checked as transformers will need it."""
+    overrides = {k: getattr(cfg, k) for k in SHAPE_OVERRIDES if getattr(cfg, k) is not None}
+    name, hf_config, weights = resolve_name(cfg.model_name_or_path)
+    if named_config(cfg.model_name_or_path) is None:
+        source = str(Path(cfg.model_name_or_path) / "config.json")
+    else:
+        source = f"the {name} preset" if name in PRESETS else f"the catalogued {name}"
+    hf_config = {**hf_config, **overrides}
+    arch = architecture_of(hf_config, source)  # a family the planner describes, with every shape key
+    _check_heads(hf_config, overrides, source)
+    if cfg.attn_implementation != "eager" and not arch.sdpa:
+        raise UsageError(f"--attn_implementation {cfg.attn_implementation}: transformers runs {name} "
+                         f"({arch.model_type}) with eager attention only; use eager")
+    layer = decoder_layer_of(hf_config)
+    if cfg.fsdp_transformer_layer_cls_to_wrap not in (None, layer):
+        raise UsageError(f"--fsdp_transformer_layer_cls_to_wrap {cfg.fsdp_transformer_layer_cls_to_wrap!r}: "
+                         f"{name}'s decoder layer is {layer}")
+    return ModelSpec(name, hf_config, weights)
 
 
 def _check_heads(hf_config: dict, overrides: dict, source: str) -> None:
-    """The attention shapes transformers' LLaMA needs; without these checks the ranks fail on a reshape."""
+    """The attention shapes transformers needs; without these checks the ranks fail on a reshape."""
     hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
     kv_heads = hf_config.get("num_key_value_heads") or heads
     named = [f"--{k} {overrides[k]}" for k in ("hidden_size", "num_attention_heads") if k in overrides]
@@ -92,21 +152,7 @@ def _check_heads(hf_config: dict, overrides: dict, source: str) -> None:
 
 
 def parameter_counts(hf_config: dict) -> dict[str, int]:
-    """Total parameters and the matmul parameters that enter the FLOPs formula (``results/metrics.py``): every
-    Linear weight, i.e. all but the input embedding and the norms. Arithmetic on transformers'
-    LlamaForCausalLM (q/k/v/o projections with grouped key-value heads, gate/up/down MLP, two RMSNorms per
-    layer and a final one, an untied or tied LM head); tests check it against the built model."""
-    hidden, inter = hf_config["hidden_size"], hf_config["intermediate_size"]
-    layers, vocab, heads = hf_config["num_hidden_layers"], hf_config["vocab_size"], hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hidden // heads
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2
-    attention_bias = heads * head_dim + 2 * kv_heads * head_dim + hidden if hf_config.get("attention_bias") else 0
-    mlp = 3 * hidden * inter
-    mlp_bias = 2 * inter + hidden if hf_config.get("mlp_bias") else 0
-    lm_head = vocab * hidden
-    matmul = layers * (attention + mlp) + lm_head
-    tied = hf_config.get("tie_word_embeddings", False)
-    total = (layers * (attention + attention_bias + mlp + mlp_bias + 2 * hidden) + hidden + vocab * hidden
-             + (0 if tied else lm_head))
-    return {"total": total, "matmul": matmul}
+    """Total parameters, every matmul weight, and the matmul weights one token meets (the N of the FLOPs
+    formula, ``results/metrics.py``; fewer than all with experts): spec/architecture.py's arithmetic on the
+    family's modelling code, which tests check against the model transformers builds."""
+    return architecture_of(hf_config, "the model").parameter_counts()

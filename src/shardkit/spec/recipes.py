@@ -11,9 +11,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from ..errors import UsageError
+from .architecture import decoder_layer_of
 from .parallelism import NAMES, Parallelism
 from .paths import read_text
-from .presets import LLAMA1_COMMON, PRESETS, parameter_counts, preset_name
+from .presets import PRESETS, parameter_counts, preset_name, resolve_name
 from .typed import STRICT, ValidationError, field_names, problems
 
 # The repository's recipes/ (an image sets SHARDKIT_RECIPES to where it copied them).
@@ -190,7 +191,7 @@ def _natural_order(name: str) -> tuple:
     parts = _name_parts(name)
     if parts is None or parts["model"] not in PRESETS:
         return (1, name)
-    size = parameter_counts({**LLAMA1_COMMON, **PRESETS[parts["model"]]})["total"]
+    size = parameter_counts(PRESETS[parts["model"]])["total"]
     return (0, size, parts["gpus"], parts["batch"], NAMES.index(parts["method"]), not parts["grad_ckpt"], name)
 
 
@@ -202,7 +203,8 @@ def seed_argv(recipe: Recipe, output_dir: str, folder: Path = RECIPES_DIR) -> li
             "--save_strategy", "steps" if recipe.save else "no", "--save_steps", str(recipe.save_steps),
             "--save_total_limit", "1", "--learning_rate", f"{recipe.learning_rate:g}", "--weight_decay", "0.",
             "--warmup_ratio", "0.03"]
-    argv += method_flags(recipe.parallelism, folder / recipe.deepspeed_file)
+    argv += method_flags(recipe.parallelism, folder / recipe.deepspeed_file,
+                         decoder_layer_of(resolve_name(recipe.model, "model")[1]))
     argv += ["--gradient_checkpointing", str(recipe.grad_ckpt), "--tf32", str(recipe.tf32)]
     argv += ["--attn_implementation", recipe.attn, "--run_name", recipe.name, "--seed", str(recipe.seed),
              "--num_examples", str(recipe.num_examples)]
@@ -213,11 +215,13 @@ def seed_argv(recipe: Recipe, output_dir: str, folder: Path = RECIPES_DIR) -> li
     return argv
 
 
-def method_flags(parallelism: Parallelism, deepspeed_file: Path | None = None) -> list[str]:
-    """The seed's flags for a parallel method (the one place a method becomes flags)."""
+def method_flags(parallelism: Parallelism, deepspeed_file: Path | None = None,
+                 decoder_layer: str = "LlamaDecoderLayer") -> list[str]:
+    """The seed's flags for a parallel method (the one place a method becomes flags); ``decoder_layer``: the
+    model's FSDP unit (spec.architecture.decoder_layer_of)."""
     if parallelism.kind == "fsdp":
         options = "full_shard auto_wrap offload" if parallelism.offload else "full_shard auto_wrap"
-        return ["--fsdp", options, "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+        return ["--fsdp", options, "--fsdp_transformer_layer_cls_to_wrap", decoder_layer]
     file = deepspeed_file or RECIPES_DIR / DEEPSPEED_CONFIGS[parallelism.offload]
     return ["--deepspeed", str(Path(file).resolve())]
 
