@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="shardkit", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("recipes", help="list the recipes and the table row each reproduces")
+    sub.add_parser("models", help="list the catalogued models (hub ids), their families and parameter counts")
     run = sub.add_parser("run", help="run one recipe (extra flags override its values, e.g. --max_steps 10)")
     run.add_argument("recipe")
     run.add_argument("--results", type=_folder, default=RESULTS_ROOT, help="results root (default %(default)s)")
@@ -149,7 +150,21 @@ def _plan_parser(sub) -> None:
                       help="every table row: the 2023 prediction against the table's memory and time, with residuals")
     plan.add_argument("--figure", default=None, help="with --calibration: also write the memory figure (PNG)")
     plan.add_argument("--time-figure", default=None, help="with --calibration: also write the time figure (PNG)")
-    plan.add_argument("--json", action="store_true", help="one JSON object per prediction (docs/planner.md)")
+    plan.add_argument("--json", action="store_true", help="one JSON object per prediction (docs/planner.md); with "
+                      "--model, every configuration considered, ranked or with the reason it was rejected")
+    plan.add_argument("--seq-len", type=_count, default=None,
+                      help="tokens per sequence (default: the recipe's, or the model's context)")
+    plan.add_argument("--beyond-context", action="store_true",
+                      help="plan a --seq-len longer than the model's context (max_position_embeddings)")
+    plan.add_argument("--attention", choices=["eager", "sdpa"], default=None,
+                      help="with --model: the attention kernel (default: sdpa today where transformers runs the "
+                           "model with it, eager in 2023)")
+    plan.add_argument("--examples", type=_count, default=6000,
+                      help="with --model: sequences in the data set (default %(default)s, the seed's)")
+    plan.add_argument("--trace", action="store_true",
+                      help="also run one rank of the FSDP configuration for real on fake tensors (the fastest "
+                           "that fits, with --model) and print its figures beside the analytic ones (needs "
+                           "torch and transformers; about 10 s for 8B, 1-2 min for 70B on 2 cores)")
 
 
 def _runner_flags(parser: argparse.ArgumentParser) -> None:
@@ -220,6 +235,9 @@ def _dispatch(args, extra: list[str]) -> int:
     from .spec import recipes, reference
     from .verdict import diff
 
+    if args.command == "models":
+        print(_models_table())
+        return 0
     if args.command == "recipes":
         for name in recipes.all_names():
             print(f"{name:<40} {recipes.load_recipe(name).description}")
@@ -296,6 +314,7 @@ def _dispatch(args, extra: list[str]) -> int:
 def _plan(args) -> int:
     from . import planner
     from .spec import recipes
+    from .spec.typed import dump, validate
 
     gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem")
     host_memory = planner.parse_size(args.host_mem, "--host-mem") if args.host_mem else None
@@ -316,20 +335,78 @@ def _plan(args) -> int:
         if args.gpus is None:
             raise UsageError("--model needs --gpus")
         found = planner.search(args.model, args.gpus, gpu_memory, args.stack, args.global_batch, host_memory,
-                               hardware)
+                               hardware, args.seq_len, args.attention, args.beyond_context, args.examples)
+        fitting, _ = planner.ranked(found)
+        traced = [_traced(args.model, p) for p in _to_trace(fitting or found)] if args.trace else []
         if args.json:
-            fitting, faster = planner.ranked(found)
             for rank, p in enumerate(fitting, start=1):
-                print(json.dumps({"rank": rank, **p.to_dict()}))
-            for p in faster:
-                print(json.dumps({"rejected": p.rejected, **p.to_dict()}))
+                print(json.dumps({"rank": rank, **p.to_dict(), **_trace_dict(traced, p)}))
+            for p in found:
+                if p.rejected is not None:
+                    print(json.dumps({"rejected": p.rejected, **p.to_dict(), **_trace_dict(traced, p)}))
         else:
             print(planner.render_search(found, args.model, args.gpus, gpu_memory, args.stack))
+            for p, t in traced:
+                print("\n" + planner.render_trace(p, t))
         return 0
     if not args.recipes:
         raise UsageError("name recipes to plan, or --model MODEL --gpus N")
     for name in args.recipes:
-        p = planner.predict_recipe(recipes.load_recipe(name), args.stack, gpu_memory, host_memory, args.gpus,
-                                   hardware)
-        print(json.dumps(p.to_dict()) if args.json else planner.render(p) + "\n")
+        recipe = recipes.load_recipe(name)
+        if args.seq_len:
+            recipe = validate(type(recipe), {**dump(recipe), "seq_len": args.seq_len})
+        p = planner.predict_recipe(recipe, args.stack, gpu_memory, host_memory, args.gpus, hardware)
+        traced = [_traced(recipe.model, p)] if args.trace else []
+        print(json.dumps({**p.to_dict(), **_trace_dict(traced, p)}) if args.json else planner.render(p) + "\n")
+        for p, t in traced if not args.json else ():
+            print(planner.render_trace(p, t) + "\n")
     return 0
+
+
+def _models_table() -> str:
+    from .spec.architecture import architecture_of
+    from .spec.presets import catalogue
+
+    lines = [f"{'model':32} {'family':10} {'params':>8} {'matmul':>8} {'active':>8} {'layers':>6} {'hidden':>6} "
+             f"{'heads':>5} {'kv':>3} {'vocab':>7} {'context':>7}  notes"]
+    for hub_id, entry in catalogue().items():
+        a = architecture_of(entry["config"], hub_id)
+        notes = [n for n, on in (("tied", a.tied), ("qkv bias", a.qkv_bias), ("qk norm", a.qk_norm),
+                                 (f"{a.experts} experts, {a.experts_per_token} per token", a.moe),
+                                 ("eager only", not a.sdpa)) if on]
+        notes += [f"aka {alias}" for alias in entry.get("aliases", ())[:1]]
+        lines.append(f"{hub_id:32} {entry['family']:10} {a.params / 1e9:7.2f}B {a.matmul_params / 1e9:7.2f}B "
+                     f"{a.active_matmul_params / 1e9:7.2f}B {a.layers:6d} {a.hidden:6d} {a.heads:5d} {a.kv_heads:3d} "
+                     f"{a.vocab:7d} {a.context:7d}  {', '.join(notes)}")
+    lines.append("Any of these by hub id (or the part after the owner), or a local folder with a config.json; "
+                 "sources: src/shardkit/spec/data/models.json")
+    return "\n".join(lines)
+
+
+def _to_trace(predictions):
+    """What a trace can run: FSDP without offload; the first such configuration, or the first at all (whose
+    rendering then says why it was not traced)."""
+    runnable = [p for p in predictions if p.workload.method == "fsdp" and not p.workload.offload]
+    return runnable[:1] or predictions[:1]
+
+
+def _traced(model: str, p):
+    from .planner import trace
+    from .spec.presets import ModelSpec, resolve_name
+
+    w = p.workload
+    if w.method != "fsdp" or w.offload:
+        return p, None
+    name, hf_config, _ = resolve_name(model, "--model")
+    return p, trace.trace(ModelSpec(name, hf_config, None), w.method, w.gpus, w.micro_batch, w.seq_len, p.stack,
+                          w.attention, w.grad_ckpt, w.offload)
+
+
+def _trace_dict(traced, p) -> dict:
+    for q, t in traced:
+        if q is p:
+            return {"trace": None if t is None else {
+                "allocated_bytes": t.allocated, "reserved_bytes": t.reserved,
+                "nvidia_smi_bytes": t.reserved + p.context + p.communicator, "seconds": t.seconds,
+                "host_peak_bytes": t.host_peak_bytes}}
+    return {}

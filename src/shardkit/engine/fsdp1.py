@@ -52,6 +52,12 @@ def wrap_2023(model, bf16: bool, offload_to_cpu: bool, device: torch.device):
                 forward_prefetch=False, limit_all_gathers=False)
 
 
+def loss_2023(model, batch: dict, vocab: int) -> torch.Tensor:
+    """4.28's LlamaForCausalLM loss: shifted logits in the compute dtype, no fp32 upcast."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, vocab), batch["labels"][..., 1:].reshape(-1))
+
+
 class Fsdp1Strategy(FsdpStrategy):
     """FSDP1 as the table ran it; checkpoints, the learning rate and the schedule are FSDP2's
     (torch.distributed.checkpoint handles both)."""
@@ -77,9 +83,7 @@ class Fsdp1Strategy(FsdpStrategy):
         self.unsharded_gradient_bytes = 0
 
     def _loss(self, batch: dict) -> torch.Tensor:
-        logits = self.model(input_ids=batch["input_ids"]).logits
-        return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, self.vocab),
-                                                 batch["labels"][..., 1:].reshape(-1))
+        return loss_2023(self.model, batch, self.vocab)
 
     def micro_step(self, batch: dict, last: bool):
         # Only the last micro-batch reduce-scatters; the others keep their unsharded gradients, as HF 4.28 did.

@@ -26,10 +26,10 @@ from .predict import (
     shape_of,
     workload,
 )
-from .render import render, render_search, time_summary
+from .render import render, render_search, render_trace, time_summary
 from .search import ranked, search
 
 __all__ = ["CARDS", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
            "calibration_figure", "calibration_markdown", "hardware_for", "parse_size", "predict", "predict_recipe",
-           "ranked", "recipe_workload", "render", "render_search", "search", "shape_of", "time_calibration_figure",
+           "ranked", "recipe_workload", "render", "render_search", "render_trace", "search", "shape_of", "time_calibration_figure",
            "time_calibration_markdown", "time_summary", "workload", "zero3_lead_markdown"]

@@ -101,7 +101,7 @@ class Term:
     # beyond live tensors (reserved, not allocated). Elastic and reserve bytes are given back when an
     # allocation fails (the allocator frees its cached blocks and retries), so only live bytes decide OOM.
     kind: Literal["live", "elastic", "reserve"]
-    phase: Literal["layer", "loss", "load"] | None
+    phase: Literal["layer", "loss", "root", "load"] | None
     source: str
     pinned: bool = False
     """Host bytes in page-locked memory (offloaded parameters, master copies and gradients; not Adam's moments,
@@ -142,13 +142,20 @@ def model_state_terms(w: Workload, stack: Stack) -> list[Term]:
     local = local_elements(w, stack)  # rank 0's share: the largest
     where = "host" if w.offload else "gpu"
     if w.method == "fsdp":
+        # zero_grad(set_to_none=True) ends every step without gradients, so with one micro-batch per step none
+        # exists yet while the loss's backward runs, the first thing the backward does: the shards are held in
+        # the layers' phase, not the loss's. With accumulation, earlier micro-batches' gradients are there.
+        grads_phase = "layer" if w.accumulation == 1 else None
+        grads_when = ("; none yet in the loss's backward (one micro-batch per step, zero_grad(set_to_none=True))"
+                      if grads_phase else "")
         sharded = ("FSDP keeps the fp32 parameters sharded (FlatParameter in FSDP1, DTensor in FSDP2); "
                    "bf16 exists only while a unit is unsharded")
         return [
             _term("parameters", "fp32 parameter shard", 4 * local, sharded, where, pinned=True),
             _term("gradients", "fp32 gradient shard", 4 * local,
                   "reduce-scattered gradients are kept in the parameters' dtype (FSDP1 _cast_grad_to_param_dtype; "
-                  "FSDP2 accumulates into the fp32 sharded .grad)", where, pinned=True),
+                  "FSDP2 accumulates into the fp32 sharded .grad)" + grads_when, where, phase=grads_phase,
+                  pinned=True),
             _term("optimizer states", "Adam exp_avg + exp_avg_sq, fp32", 8 * local,
                   "torch.optim.AdamW state (ZeRO paper K=12 less the fp32 master copy, which here is the "
                   "parameter itself)", where),
@@ -288,6 +295,20 @@ def communication_terms(w: Workload, stack: Stack) -> list[Term]:
               "bf16 unsharded gradient (2023: reduce_dtype bf16, HF's MixedPrecision); FSDP2 here reduces "
               "in fp32, an extra fp32 copy", phase="layer"),
     ]
+    if stack == "today" and not w.offload:
+        # The backward ends with the root unit: its parameters resharded, its bf16 gradients (embedding, LM head)
+        # copied into the fp32 reduce-scatter input, while every layer's gradient shard is already there. A
+        # large vocabulary makes this the step's peak (a trace of Llama-3.1-8B shows it).
+        # The term is net of what is gone by then: the root's bf16 parameters, the layers' unsharded units and
+        # the saved activations, all held throughout the other phases.
+        layer_grads = 4 * (local_elements(w, stack) - -(-s.root_params // n)) if w.accumulation == 1 else 0
+        freed = 2 * root + 2 * 2 * unit + sum(t.bytes for t in activation_terms(w, stack) if t.phase is None)
+        terms.append(_term("communication and prefetch", "root unit's gradients being reduce-scattered",
+                           (2 + 4) * root + layer_grads - freed,
+                           "FSDP2 post-backward of the root: reshard (its 2 x root bf16 parameters freed), then "
+                           "foreach_reduce copies the bf16 gradients (2 x root) into one fp32 buffer (4 x root); "
+                           "with one micro-batch per step the layers' fp32 gradient shards are held too; net of "
+                           "the layer units and saved activations freed by then", phase="root"))
     if w.offload:
         terms.append(_term("communication and prefetch", "offloaded shards copied to the GPU", 2 * 6 * unit / n,
                            "each unsharded unit first copies its fp32 host shard to the GPU and casts it to bf16 "
@@ -379,9 +400,9 @@ def terms(w: Workload, stack: Stack) -> list[Term]:
 
 
 def peak(term_list: list[Term], device: str = "gpu", kinds: tuple[str, ...] = ("live",)) -> int:
-    """Bytes held at the worst moment of a training step: everything held throughout plus the larger of the
-    layer and loss phases (load-phase terms are the caller's: they come before the step)."""
+    """Bytes held at the worst moment of a training step: everything held throughout plus the largest of the
+    layer, loss and root phases (load-phase terms are the caller's: they come before the step)."""
     chosen = [t for t in term_list if t.device == device and t.kind in kinds]
     always = sum(t.bytes for t in chosen if t.phase is None)
-    phases = [sum(t.bytes for t in chosen if t.phase == phase) for phase in ("layer", "loss")]
+    phases = [sum(t.bytes for t in chosen if t.phase == phase) for phase in ("layer", "loss", "root")]
     return always + max(phases)

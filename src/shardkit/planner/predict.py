@@ -60,20 +60,38 @@ def check_gpus(gpus: int) -> None:
 
 def workload(model: str, parallelism: Parallelism, gpus: int, micro_batch: int, grad_ckpt: bool,
              accumulation: int | None = None, attention: str = "eager", seq_len: int | None = None,
-             **run_length) -> mm.Workload:
-    """``run_length``: examples, epochs, save_every (the seed's 6000, 3 and 100 when not given)."""
+             beyond_context: bool = False, **run_length) -> mm.Workload:
+    """``run_length``: examples, epochs, save_every (the seed's 6000, 3 and 100 when not given). Plans that
+    cannot be are one-line errors: a sequence longer than the model's context (unless ``beyond_context``),
+    more GPUs than sequences in a step or in the data set, a step larger than the data set."""
     check_gpus(gpus)
     if micro_batch < 1:
         raise UsageError(f"batch {micro_batch}: needs at least one sequence per GPU")
-    return mm.Workload(shape=shape_of(model), parallelism=parallelism, gpus=gpus, micro_batch=micro_batch,
-                       seq_len=seq_len or seq_len_of(model), grad_ckpt=grad_ckpt,
-                       accumulation=accumulation or parallelism.seed_accumulation, attention=attention, **run_length)
+    shape = shape_of(model)
+    if seq_len is not None and seq_len < 1:
+        raise UsageError(f"--seq-len {seq_len}: needs at least one token")
+    if seq_len and seq_len > shape.context and not beyond_context:
+        raise UsageError(f"--seq-len {seq_len}: longer than {model}'s context of {shape.context} tokens "
+                         "(max_position_embeddings); --beyond-context plans it anyway")
+    w = mm.Workload(shape=shape, parallelism=parallelism, gpus=gpus, micro_batch=micro_batch,
+                    seq_len=seq_len or shape.context, grad_ckpt=grad_ckpt,
+                    accumulation=accumulation or parallelism.seed_accumulation, attention=attention, **run_length)
+    step = w.micro_batch * w.accumulation * gpus
+    if gpus > w.examples:
+        raise UsageError(f"--gpus {gpus}: more GPUs than the {w.examples} sequences of the data set; every GPU "
+                         "needs at least one")
+    if step > w.examples:
+        raise UsageError(f"a global batch of {step} sequences ({gpus} GPUs x {w.micro_batch} x {w.accumulation} "
+                         f"accumulation) is larger than the data set's {w.examples}")
+    return w
 
 
 def recipe_workload(recipe, gpus: int | None = None) -> mm.Workload:
+    """A recipe's workload, its sequence length as written: the engine runs it beyond the context too."""
     attention = "eager" if recipe.attn == "eager" else "sdpa"
     return workload(recipe.model, recipe.parallelism, recipe.gpus if gpus is None else gpus, recipe.batch,
-                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len, examples=recipe.num_examples,
+                    recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len, beyond_context=True,
+                    examples=recipe.num_examples,
                     epochs=recipe.epochs, save_every=recipe.save_steps if recipe.save else None)
 
 

@@ -12,7 +12,7 @@ def render(p: Prediction) -> str:
     """One prediction as text: every GPU term with its group, then the host terms, then the verdict."""
     lines = [f"{p.name or 'configuration'}  [{p.stack} stack: {mm.STACKS[p.stack]}]"]
     for t in sorted(p.terms, key=lambda t: (t.device != "gpu", mm.GROUPS.index(t.group))):
-        when = {"layer": "in a layer's backward", "loss": "around the loss", "load": "while loading", None: ""}[t.phase]
+        when = {"layer": "in a layer's backward", "loss": "around the loss", "root": "as the backward ends", "load": "while loading", None: ""}[t.phase]
         kind = {"elastic": "elastic", "reserve": "reserved, not allocated"}.get(t.kind, "")
         lines.append(f"  {t.device:4} {t.group:27} {t.bytes / GIB:8.2f} GiB  {t.name}"
                      + (f" ({', '.join(x for x in (when, kind) if x)})" if when or kind else ""))
@@ -73,3 +73,24 @@ def _search_line(p: Prediction) -> str:
     return (f"  {w.parallelism.label:15} {'yes' if w.grad_ckpt else 'no':5} {w.micro_batch:5d} {w.accumulation:5d} "
             f"{p.live / GIB:9.1f} {p.margin / GIB:10.1f} {t.step_seconds:8.1f} {tm.clock(t.run_seconds):>10}  "
             f"{t.dominant:15}")
+
+
+def render_trace(p: Prediction, t) -> str:
+    """A trace's three figures beside the analytic ones (``t`` None: why there is none)."""
+    w = p.workload
+    if t is None:
+        why = ("DeepSpeed ZeRO-3 cannot run on a fake process group" if w.method == "zero3"
+               else "offloaded shards live in host memory, which the trace does not run")
+        return f"trace of {p.name}: not run ({why}); the analytic figures stand"
+    engine = "FSDP1" if p.stack == "2023" else "FSDP2"
+    lines = [f"trace of {p.name}: {engine}, rank 0 of {w.gpus} on a fake process group, fake tensors "
+             f"({t.seconds:.0f} s, host memory peak {t.host_peak_bytes / GIB:.1f} GiB)",
+             f"  {'':12} {'analytic':>10} {'trace':>10} {'difference':>11}"]
+    other = p.context + p.communicator
+    for label, analytic, traced in (("allocated", p.allocated, t.allocated), ("reserved", p.reserved, t.reserved),
+                                    ("nvidia-smi", p.nvidia_smi, t.reserved + other)):
+        lines.append(f"  {label:12} {analytic / GIB:7.2f} GiB {traced / GIB:6.2f} GiB "
+                     f"{100 * (analytic - traced) / traced:+10.1f}%")
+    lines.append("  (the trace's nvidia-smi is its reserved plus the analytic CUDA context; it has no kernels' "
+                 "workspaces and no communicator)")
+    return "\n".join(lines)
