@@ -394,8 +394,30 @@ def host_terms(w: Workload, stack: Stack) -> list[Term]:
     return []
 
 
+def backward_walk_terms(w: Workload, stack: Stack) -> list[Term]:
+    """What the layer phase's sum over-counts when every step starts without gradients (FSDP, one
+    micro-batch per step): the backward frees each layer's saved tensors (its checkpoint, or everything it
+    saved) as it makes that layer's gradient shard, so the two never peak together. With k layers still to go,
+    k x saved + (L - k) x shard are held, largest at the first layer (L x saved) or at the last but one
+    (saved + (L - 1) x shard, the root's shard not made yet); the terms count L x saved + the whole shard."""
+    if w.method != "fsdp" or w.accumulation != 1:
+        return []
+    s, n = w.shape, w.gpus
+    kept = [t.bytes for t in activation_terms(w, stack) if t.group == "activations" and t.phase is None]
+    saved_all = sum(kept)
+    saved = saved_all // s.layers
+    shard_all = 4 * local_elements(w, stack)
+    layer_shard = 4 * (local_elements(w, stack) - -(-s.root_params // n)) // s.layers
+    held = max(saved_all, saved + (s.layers - 1) * layer_shard)
+    return [_term("gradients", "saved tensors freed as gradient shards are made", held - saved_all - shard_all,
+                  "the backward walks the layers from the last: k x saved + (L - k) x shard at most "
+                  f"max(L x saved, saved + (L - 1) x shard) = {held / 2**30:.2f} GiB, not their sum (negative: "
+                  "what the other terms count twice)", phase="layer")]
+
+
 def terms(w: Workload, stack: Stack) -> list[Term]:
-    return [*model_state_terms(w, stack), *activation_terms(w, stack), *communication_terms(w, stack),
+    return [*model_state_terms(w, stack), *activation_terms(w, stack), *backward_walk_terms(w, stack),
+            *communication_terms(w, stack),
             *reserve_terms(w, stack), *runtime_terms(), *host_terms(w, stack)]
 
 
