@@ -17,7 +17,7 @@ from functools import cached_property
 from itertools import product
 
 from ..errors import UsageError
-from ..spec.architecture import architecture_of
+from ..spec.architecture import architecture_of, default_seq_len
 from ..spec.parallelism import Parallelism
 from ..spec.presets import resolve_name
 from . import memory_model as mm
@@ -50,7 +50,7 @@ def shape_of(model: str) -> mm.Architecture:
 
 
 def seq_len_of(model: str) -> int:
-    return shape_of(model).context
+    return default_seq_len(shape_of(model))
 
 
 def check_gpus(gpus: int) -> None:
@@ -74,7 +74,7 @@ def workload(model: str, parallelism: Parallelism, gpus: int, micro_batch: int, 
         raise UsageError(f"--seq-len {seq_len}: longer than {model}'s context of {shape.context} tokens "
                          "(max_position_embeddings); --beyond-context plans it anyway")
     w = mm.Workload(shape=shape, parallelism=parallelism, gpus=gpus, micro_batch=micro_batch,
-                    seq_len=seq_len or shape.context, grad_ckpt=grad_ckpt,
+                    seq_len=seq_len or default_seq_len(shape), grad_ckpt=grad_ckpt,
                     accumulation=accumulation or parallelism.seed_accumulation, attention=attention, **run_length)
     step = w.micro_batch * w.accumulation * gpus
     if gpus > w.examples:

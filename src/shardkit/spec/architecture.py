@@ -224,6 +224,16 @@ def architecture_of(hf_config: dict, source: str) -> Architecture:
         context=int(hf_config.get("max_position_embeddings") or 2048), model_type=model_type)
 
 
+TABLE_SEQ_LEN = 2048
+"""The table's examples: 6000 of 2048 tokens."""
+
+
+def default_seq_len(arch: Architecture) -> int:
+    """Tokens per sequence when none is given: the table's 2048, or the model's context where it is shorter
+    (a 128K context is what a model can read, not what a fine-tune's examples hold)."""
+    return min(arch.context, TABLE_SEQ_LEN)
+
+
 def runs_on_2023_stack(arch: Architecture) -> bool:
     """transformers 4.28 (the table's stack) builds LLaMA with as many key-value heads as heads, nothing else."""
     return FAMILIES[arch.model_type].in_2023_stack and arch.kv_heads == arch.heads and arch.head_dim * arch.heads \

@@ -80,7 +80,7 @@ class TrainConfig(BaseModel, **STRICT):
     """Number of synthetic examples (the seed's 6000)."""
 
     model_max_length: int | None = Field(default=None, ge=2)
-    """Tokens per example (the seed's 2048); unset: the preset's context length."""
+    """Tokens per example; unset: the table's 2048, or the model's context where that is shorter."""
 
     # --- optimisation (HF TrainingArguments names) ---------------------------------------------
     num_train_epochs: float = Field(default=3.0, gt=0)

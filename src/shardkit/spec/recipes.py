@@ -14,7 +14,7 @@ from ..errors import UsageError
 from .architecture import decoder_layer_of
 from .parallelism import NAMES, Parallelism
 from .paths import read_text
-from .presets import PRESETS, parameter_counts, preset_name, resolve_name
+from .presets import PRESETS, catalogued, parameter_counts, preset_name, resolve_name
 from .typed import STRICT, ValidationError, field_names, problems
 
 # The repository's recipes/ (an image sets SHARDKIT_RECIPES to where it copied them).
@@ -39,7 +39,8 @@ class Recipe(BaseModel, **STRICT):
     values (a file named for 8 GPUs that says GPUS=4 is refused)."""
 
     model: str
-    """Model preset or the seed's hub name (decapoda-research/llama-30b-hf)."""
+    """A preset (llama-30b, or the seed's hub name decapoda-research/llama-30b-hf), a catalogued hub id
+    (meta-llama/Llama-3.1-8B; shardkit models lists them) or a local folder with a config.json."""
 
     method: Method
     """fsdp, fsdp_offload (the table's "FSDP + offload"), zero3_offload ("Deepspeed + Zero 3 + Offload"), or
@@ -157,12 +158,18 @@ def load_recipe(name: str, folder: Path = RECIPES_DIR) -> Recipe:
     return recipe
 
 
+def model_identity(model: str) -> str:
+    """One name per model however it is written: the preset ('llama-30b' for the seed's decapoda name), the
+    catalogue's hub id ('llama-3.1-8b' in a file name is meta-llama/Llama-3.1-8B), or the text itself."""
+    return preset_name(model) or catalogued(model) or model
+
+
 def _name_parts(name: str) -> dict | None:
     """What a table-row-style name says (model, method, ranks, batch, checkpointing), or None for another name."""
     match = _NAME.match(name)
     if not match or match["method"].replace("-", "_") not in NAMES:
         return None
-    return {"model": preset_name(match["model"]) or match["model"], "method": match["method"].replace("-", "_"),
+    return {"model": model_identity(match["model"]), "method": match["method"].replace("-", "_"),
             "gpus": int(match["gpus"]), "batch": int(match["batch"]), "grad_ckpt": not match["nockpt"]}
 
 
@@ -172,7 +179,7 @@ def _check_name(recipe: Recipe, path: Path, lines: dict[str, int]) -> None:
     said = _name_parts(recipe.name)
     if said is None:
         return
-    holds = {"model": preset_name(recipe.model) or recipe.model, "method": recipe.method, "gpus": recipe.gpus,
+    holds = {"model": model_identity(recipe.model), "method": recipe.method, "gpus": recipe.gpus,
              "batch": recipe.batch, "grad_ckpt": recipe.grad_ckpt}
     for key, value in said.items():
         if holds[key] != value:

@@ -16,6 +16,7 @@ from .datasets import check_data_source, read_records
 from .deepspeed_config import resolve_deepspeed_config
 from .parallelism import Parallelism, deepspeed_offload
 from .paths import folder_problem
+from .architecture import default_seq_len
 from .presets import ModelSpec, parameter_counts, resolve_model
 from .resume import check_resume
 from .typed import dump
@@ -131,7 +132,7 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
 
         deepspeed_json = load_deepspeed_json(cfg.deepspeed)
     parallelism = parallelism_of(cfg, deepspeed_json)
-    seq_len = cfg.model_max_length or model.hf_config["max_position_embeddings"]
+    seq_len = cfg.model_max_length or default_seq_len(model.architecture)
     examples = len(read_records(Path(cfg.data_path))) if cfg.data_path else cfg.num_examples
     if world_size > examples:
         raise UsageError(f"{world_size} ranks but only {examples} examples: every rank needs data")
