@@ -152,3 +152,29 @@ def test_a_deepspeed_json_that_offloads_half_is_refused(tmp_path, seed_ds_config
     path.write_text(json.dumps(config))
     with pytest.raises(UsageError, match="offloads only one of offload_optimizer and offload_param"):
         resolve(make_config({"deepspeed": str(path)}), 2)
+
+
+def test_trace_mode_prints_its_figures_beside_the_analytic_ones_and_zero3_keeps_the_analytic(capsys):
+    from shardkit import cli
+
+    assert cli.main(["plan", "tiny_fsdp_2cpu_bs4", "tiny_zero3_2cpu_bs4", "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "trace of tiny_fsdp_2cpu_bs4: FSDP2, rank 0 of 2 on a fake process group" in out
+    for figure in ("allocated", "reserved", "nvidia-smi"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(figure))
+        _, analytic, unit, traced, unit2, difference = line.split()
+        assert float(analytic) > 0 and float(traced) > 0 and {unit, unit2} <= {"MiB", "GiB"}
+        assert difference.endswith("%")
+    assert ("trace of tiny_zero3_2cpu_bs4: not run (DeepSpeed ZeRO-3 cannot run on a fake process group); the "
+            "analytic figures stand") in out
+
+
+def test_trace_json_carries_the_traced_figures(capsys):
+    import json
+
+    from shardkit import cli
+
+    assert cli.main(["plan", "tiny_fsdp_2cpu_bs4", "--trace", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert 0 < d["trace"]["allocated_bytes"] <= d["trace"]["reserved_bytes"] < d["trace"]["nvidia_smi_bytes"]
+    assert d["trace"]["host_peak_bytes"] > 0

@@ -399,7 +399,7 @@ def _traced(model: str, p):
         return p, None
     name, hf_config, _ = resolve_name(model, "--model")
     return p, trace.trace(ModelSpec(name, hf_config, None), w.method, w.gpus, w.micro_batch, w.seq_len, p.stack,
-                          w.attention, w.grad_ckpt, w.offload)
+                          w.attention, w.grad_ckpt, w.offload, w.accumulation)
 
 
 def _trace_dict(traced, p) -> dict:

@@ -223,8 +223,10 @@ def layer_saved_bytes(w: Workload, stack: Stack) -> tuple[int, str]:
         saved += 2 * t * h + (0 if w.grad_ckpt else 2 * t * h)
         parts.append(f"{2 if w.grad_ckpt else 4}Th")
     if w.attention == "eager":
-        saved += _SCORE_BYTES_SAVED[stack] * a * b * seq * seq
-        parts.append(f"{_SCORE_BYTES_SAVED[stack]} bytes x a*b*s^2 scores")
+        # A soft-capped attention (cap x tanh(scores / cap)) keeps tanh's bf16 output too.
+        score_bytes = _SCORE_BYTES_SAVED[stack] + (2 if s.attention_softcap else 0)
+        saved += score_bytes * a * b * seq * seq
+        parts.append(f"{score_bytes} bytes x a*b*s^2 scores")
     else:
         saved += 4 * a * t  # memory-efficient / flash attention keeps only the fp32 log-sum-exp
         parts.append("4aT (no s^2 term)")
@@ -257,9 +259,12 @@ def activation_terms(w: Workload, stack: Stack) -> list[Term]:
         terms.append(_term("activations", f"all {s.layers} layers' saved tensors", saved_layer * s.layers,
                            layer_source))
     terms.append(_term("activations", "backward transient", transient, transient_source, phase="layer"))
-    terms.append(_term("logits and loss", "vocabulary-sized tensors of the loss", _LOSS_BYTES[stack] * t * s.vocab,
+    # A soft-capped head (cap x tanh(logits / cap)) keeps tanh's bf16 output for its backward: 2 more bytes.
+    loss_bytes = _LOSS_BYTES[stack] + (2 if s.logit_softcap else 0)
+    terms.append(_term("logits and loss", "vocabulary-sized tensors of the loss", loss_bytes * t * s.vocab,
                        "bf16 logits, log-softmax and their gradients (transformers 4.28); fp32 after "
-                       "transformers 5's logits.float()", phase="loss"))
+                       "transformers 5's logits.float()" + ("; the soft-cap's saved tanh, bf16" if s.logit_softcap
+                                                            else ""), phase="loss"))
     return terms
 
 
@@ -302,13 +307,20 @@ def communication_terms(w: Workload, stack: Stack) -> list[Term]:
         # The term is net of what is gone by then: the root's bf16 parameters, the layers' unsharded units and
         # the saved activations, all held throughout the other phases.
         layer_grads = 4 * (local_elements(w, stack) - -(-s.root_params // n)) if w.accumulation == 1 else 0
-        freed = 2 * root + 2 * 2 * unit + sum(t.bytes for t in activation_terms(w, stack) if t.phase is None)
+        gone = 2 * 2 * unit + sum(t.bytes for t in activation_terms(w, stack) if t.phase is None)
+        reducing = (2 + 4) * root - 2 * root
+        # A tied embedding gets two bf16 gradients, the LM head's and the lookup's, summed into a third while
+        # the root's parameters are still unsharded and the first layer's fp32 reduce-scatter input is still
+        # held (a trace of Gemma 2 shows the four embedding-sized tensors and that buffer at its peak).
+        summing = 3 * 2 * s.embedding_params + 4 * unit if s.tied else 0
         terms.append(_term("communication and prefetch", "root unit's gradients being reduce-scattered",
-                           (2 + 4) * root + layer_grads - freed,
+                           max(reducing, summing) + layer_grads - gone,
                            "FSDP2 post-backward of the root: reshard (its 2 x root bf16 parameters freed), then "
                            "foreach_reduce copies the bf16 gradients (2 x root) into one fp32 buffer (4 x root); "
                            "with one micro-batch per step the layers' fp32 gradient shards are held too; net of "
-                           "the layer units and saved activations freed by then", phase="root"))
+                           "the layer units and saved activations freed by then; tied: the larger of that and "
+                           "the sum of the embedding's two gradients (3 x 2 V h + the first layer's 4 x layer "
+                           "reduce input)", phase="root"))
     if w.offload:
         terms.append(_term("communication and prefetch", "offloaded shards copied to the GPU", 2 * 6 * unit / n,
                            "each unsharded unit first copies its fp32 host shard to the GPU and casts it to bf16 "

@@ -75,6 +75,10 @@ def _search_line(p: Prediction) -> str:
             f"{t.dominant:15}")
 
 
+def _size(value: int) -> str:
+    return f"{value / GIB:.2f} GiB" if value >= GIB else f"{value / 2**20:.1f} MiB"
+
+
 def render_trace(p: Prediction, t) -> str:
     """A trace's three figures beside the analytic ones (``t`` None: why there is none)."""
     w = p.workload
@@ -83,14 +87,14 @@ def render_trace(p: Prediction, t) -> str:
                else "offloaded shards live in host memory, which the trace does not run")
         return f"trace of {p.name}: not run ({why}); the analytic figures stand"
     engine = "FSDP1" if p.stack == "2023" else "FSDP2"
-    lines = [f"trace of {p.name}: {engine}, rank 0 of {w.gpus} on a fake process group, fake tensors "
+    lines = [f"trace of {p.name}: {engine}, rank 0 of {w.gpus} on a fake process group, fake tensors, two steps "
+             f"of {w.accumulation} micro-batch{'es' if w.accumulation > 1 else ''} "
              f"({t.seconds:.0f} s, host memory peak {t.host_peak_bytes / GIB:.1f} GiB)",
-             f"  {'':12} {'analytic':>10} {'trace':>10} {'difference':>11}"]
+             f"  {'':12} {'analytic':>11} {'trace':>10} {'difference':>11}"]
     other = p.context + p.communicator
     for label, analytic, traced in (("allocated", p.allocated, t.allocated), ("reserved", p.reserved, t.reserved),
                                     ("nvidia-smi", p.nvidia_smi, t.reserved + other)):
-        lines.append(f"  {label:12} {analytic / GIB:7.2f} GiB {traced / GIB:6.2f} GiB "
-                     f"{100 * (analytic - traced) / traced:+10.1f}%")
+        lines.append(f"  {label:12} {_size(analytic):>11} {_size(traced):>10} {100 * (analytic - traced) / traced:+10.1f}%")
     lines.append("  (the trace's nvidia-smi is its reserved plus the analytic CUDA context; it has no kernels' "
                  "workspaces and no communicator)")
     return "\n".join(lines)

@@ -112,9 +112,10 @@ def _fake_world(world: int) -> None:
 
 
 def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = "today",
-                 attention: str = "sdpa", grad_ckpt: bool = True, steps: int = 2) -> list[tuple]:
-    """Allocation events of ``steps`` training steps of rank 0 of ``world`` ranks (bf16 compute, the stack's
-    reduce dtype, AdamW one tensor at a time: its foreach path does not trace under fake tensors)."""
+                 attention: str = "sdpa", grad_ckpt: bool = True, accumulation: int = 1,
+                 steps: int = 2) -> list[tuple]:
+    """Allocation events of ``steps`` training steps of ``accumulation`` micro-batches each, of rank 0 of
+    ``world`` ranks (bf16 compute, the stack's reduce dtype, AdamW one tensor at a time: its foreach path does not trace under fake tensors)."""
     import types
 
     import torch
@@ -160,14 +161,19 @@ def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = 
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
                 ids = torch.randint(0, vocab, (micro_batch, seq_len))
                 for _ in range(steps):
-                    if stack == "2023":
-                        loss = fsdp1.loss_2023(model, {"input_ids": ids, "labels": ids}, vocab)
-                    else:
-                        loss = model(input_ids=ids, labels=ids).loss
-                    recorder.mark("forward")
-                    loss.backward()
-                    del loss
-                    recorder.mark("backward")
+                    for micro in range(accumulation):
+                        # The engines' accumulation: FSDP2 reduces every micro-batch; FSDP1 as HF 4.28 ran it
+                        # keeps unsharded gradients under no_sync() until the step's last one.
+                        last = micro == accumulation - 1
+                        with contextlib.nullcontext() if stack != "2023" or last else model.no_sync():
+                            if stack == "2023":
+                                loss = fsdp1.loss_2023(model, {"input_ids": ids, "labels": ids}, vocab)
+                            else:
+                                loss = model(input_ids=ids, labels=ids).loss
+                            recorder.mark("forward")
+                            (loss / accumulation).backward()
+                            del loss
+                        recorder.mark("backward")
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
                     optimizer.step()
                     # DTensor runs the optimizer's ops on the local shards below this mode: note the states
@@ -187,7 +193,7 @@ def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = 
 
 
 def trace(spec, method: str, world: int, micro_batch: int, seq_len: int, stack: str, attention: str,
-          grad_ckpt: bool, offload: bool) -> Trace:
+          grad_ckpt: bool, offload: bool, accumulation: int = 1) -> Trace:
     """The allocated and reserved peaks of rank 0, from a fake-tensor run replayed through the allocator."""
     from .allocator import replay
 
@@ -198,7 +204,7 @@ def trace(spec, method: str, world: int, micro_batch: int, seq_len: int, stack: 
         raise UsageError("--trace runs FSDP without offload: offloaded shards live in host memory, which the "
                          "trace does not model; the analytic figures stand")
     start = time.perf_counter()
-    events = record_steps(spec, world, micro_batch, seq_len, stack, attention, grad_ckpt)
+    events = record_steps(spec, world, micro_batch, seq_len, stack, attention, grad_ckpt, accumulation)
     r = replay([e for e in events if e[0] != "mark"])
     host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return Trace(r.peak_allocated, r.peak_reserved, time.perf_counter() - start, host, len(events))

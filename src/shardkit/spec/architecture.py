@@ -76,6 +76,10 @@ class Architecture:
     experts: int = 0
     """Routed experts per layer (0: a dense MLP)."""
     experts_per_token: int = 0
+    logit_softcap: bool = False
+    """The logits pass through cap x tanh(logits / cap) before the loss (Gemma 2's final_logit_softcapping)."""
+    attention_softcap: bool = False
+    """The attention scores pass through cap x tanh(scores / cap) (Gemma 2's attn_logit_softcapping)."""
     context: int = 2048
     """max_position_embeddings: the longest sequence the model was made for."""
     model_type: str = "llama"
@@ -221,6 +225,8 @@ def architecture_of(hf_config: dict, source: str) -> Architecture:
         mlp_bias=bool(hf_config.get("mlp_bias", False)), qk_norm=family.qk_norm,
         norms_per_layer=family.norms_per_layer, experts=experts,
         experts_per_token=int(hf_config.get("num_experts_per_tok") or 0) if experts else 0,
+        logit_softcap=bool(hf_config.get("final_logit_softcapping")),
+        attention_softcap=bool(hf_config.get("attn_logit_softcapping")),
         context=int(hf_config.get("max_position_embeddings") or 2048), model_type=model_type)
 
 

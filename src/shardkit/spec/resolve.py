@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
+from .architecture import default_seq_len
 from .config import TrainConfig
 from .datasets import check_data_source, read_records
 from .deepspeed_config import resolve_deepspeed_config
 from .parallelism import Parallelism, deepspeed_offload
 from .paths import folder_problem
-from .architecture import default_seq_len
 from .presets import ModelSpec, parameter_counts, resolve_model
 from .resume import check_resume
 from .typed import dump
