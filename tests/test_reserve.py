@@ -19,6 +19,12 @@ MIB = 2**20
 MEASURED_7B_8 = {"allocated": 17.04 * GIB, "reserved": 22.61 * GIB, "nvidia_smi": 23.88 * GIB}
 
 
+def llama(name: str):
+    from shardkit.spec.presets import PRESETS, ModelSpec
+
+    return ModelSpec(name, PRESETS[name], None)
+
+
 def seven_b_eight():
     return planner.predict_recipe(recipes.load_recipe("llama-7b_fsdp_8gpu_bs1"), "today")
 
@@ -117,9 +123,10 @@ def test_a_full_size_step_replayed_through_the_allocator_model(model_name):
     every gradient shard at the backward's peak; the trace has about 90% of them then), its reserved lies
     between the planner's reserved and reserved + the stated uncertainty (7B: 19.7 GiB in [17.9, 20.9];
     13B: 34.6 in [31.7, 35.8])."""
-    from alloc_trace import record_fsdp2_steps
+    from shardkit.planner.trace import record_steps
 
-    r = ca.replay([e for e in record_fsdp2_steps(model_name, 8) if e[0] != "mark"])
+    events = record_steps(llama(model_name), 8, 1, 2048, "today", "eager")
+    r = ca.replay([e for e in events if e[0] != "mark"])
     p = planner.predict(planner.workload(model_name, Parallelism("fsdp", False), 8, 1, True, 1), "today")
     assert r.peak_allocated == pytest.approx(p.allocated, rel=0.05)
     assert p.reserved <= r.peak_reserved <= p.reserved + p.reserve_uncertainty
@@ -137,9 +144,10 @@ def _tracked_peak(model_name: str, world: int = 8) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
-    from alloc_trace import fake_rank_model
+    from shardkit.planner.trace import fake_rank_model
 
-    model, spec = fake_rank_model(model_name, world)
+    spec = llama(model_name)
+    model = fake_rank_model(spec, world, "eager")
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)

@@ -111,21 +111,34 @@ def _fake_world(world: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
 
 
+def fake_rank_model(spec, world: int, attention: str = "sdpa", grad_ckpt: bool = True):
+    """Rank 0 of ``world`` ranks of the model as the native engine shards it (FSDP2: checkpointing, one unit
+    per decoder layer, bf16 parameters with fp32 reduce), on the meta device over a fake process group; the
+    caller materializes it (``to_empty``) inside FakeTensorMode."""
+    import types
+
+    import torch
+
+    from ..engine import fsdp
+    from ..engine.models import build_model
+
+    _fake_world(world)
+    cfg = types.SimpleNamespace(gradient_checkpointing=grad_ckpt, bf16=True)
+    return fsdp.parallelize(build_model(spec, attention, 0, meta=True), cfg, False, torch.device("cpu"))
+
+
 def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = "today",
                  attention: str = "sdpa", grad_ckpt: bool = True, accumulation: int = 1,
                  steps: int = 2) -> list[tuple]:
     """Allocation events of ``steps`` training steps of ``accumulation`` micro-batches each, of rank 0 of
     ``world`` ranks (bf16 compute, the stack's reduce dtype, AdamW one tensor at a time: its foreach path does not trace under fake tensors)."""
-    import types
-
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..engine import fsdp, fsdp1
+    from ..engine import fsdp1
     from ..engine.models import build_model, enable_checkpointing
 
     _fake_world(world)
-    cfg = types.SimpleNamespace(gradient_checkpointing=grad_ckpt, bf16=True)
     vocab = spec.hf_config["vocab_size"]
     recorder = _recorder()
     original_resize, original_stream = torch.UntypedStorage.resize_, torch.cpu.stream
@@ -145,7 +158,7 @@ def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = 
     torch.UntypedStorage.resize_, torch.cpu.stream = resize_, stream
     try:
         if stack != "2023":  # FSDP2 shards on the meta device, outside fake mode (its device mesh reads ranks)
-            model = fsdp.parallelize(build_model(spec, attention, 0, meta=True), cfg, False, torch.device("cpu"))
+            model = fake_rank_model(spec, world, attention, grad_ckpt)
         with FakeTensorMode(allow_non_fake_inputs=True):
             if stack == "2023":
                 model = build_model(spec, attention, 0, dtype=torch.float32)
