@@ -115,8 +115,7 @@ def test_calibration_figures(tmp_path):
 
 
 def test_readme_shows_the_commands_real_output(capsys):
-    command = ["plan", "--model", "llama-65b", "--gpus", "8", "--gpu-mem", "80GB", "--host-mem", "1TB",
-               "--global-batch", "64"]
+    command = ["plan", "--model", "meta-llama/Llama-3.1-8B", "--gpus", "8", "--gpu", "h100", "--seq-len", "8192"]
     readme = (ROOT / "README.md").read_text()
     assert f"$ shardkit {' '.join(command)}" in readme
     assert cli.main(command) == 0
