@@ -102,11 +102,11 @@ def test_kill_9_of_the_launcher_ends_its_ranks_with_a_result(tmp_path):
     assert len(doc["loss"]) >= 3
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_sigint_and_sigterm_record_an_interrupted_run_with_its_steps(tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_sigint_sigterm_and_sighup_record_an_interrupted_run_with_its_steps(tmp_path, sig):
     code, stderr, doc = run_with_fault(tmp_path, lambda launcher, ranks: os.kill(launcher.pid, sig), 60)
     assert code == 130 and doc["status"] == "interrupted" and doc["exit_code"] == 130
-    assert len(doc["loss"]) >= 3 and doc["failure"]["message"].startswith(("SIGINT", "SIGTERM"))
+    assert len(doc["loss"]) >= 3 and doc["failure"]["message"].startswith(("SIGINT", "SIGTERM", "SIGHUP"))
     assert "Traceback" not in stderr
 
 

@@ -33,7 +33,8 @@ def first_line(error: BaseException) -> str:
 
 
 class Interrupted(BaseException):
-    """SIGTERM reached a rank (SIGINT arrives as KeyboardInterrupt): from a person, a scheduler, the launcher
+    """SIGTERM or SIGHUP reached a rank (SIGINT arrives as KeyboardInterrupt): from a person, a closed
+    terminal, a scheduler, the launcher
     ending the job, or the kernel because the launcher died (PR_SET_PDEATHSIG)."""
 
     def __init__(self, signum: int, launcher_gone: bool):
@@ -110,6 +111,6 @@ def describe_signal_death(exitcode: int, rank: int | None = None, oom_kills: tup
         return Failure(kind="killed", rank=rank, step=step, message="killed by SIGKILL",
                        evidence="no OOM kill counted by the kernel during the run" if after is not None
                        else "the kernel's OOM-kill count cannot be read here")
-    if exitcode in (-signal.SIGTERM, -signal.SIGINT):
+    if exitcode in (-signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):
         return Failure(kind="interrupted", rank=rank, step=step, message=f"ended by {name}")
     return Failure(kind="error", rank=rank, step=step, message=f"killed by {name}")

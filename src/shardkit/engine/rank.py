@@ -46,6 +46,8 @@ def launch_time() -> float:
 
 FAILURE_CLAIM = ".failure-claimed"
 HEARTBEATS = ".heartbeats"
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a run as an interruption, like SIGINT (which arrives as KeyboardInterrupt)."""
 
 
 def quiet_known_warnings() -> None:
@@ -87,12 +89,15 @@ def _gone(parent: int, wait_s: float = 0.5) -> bool:
 def die_with_launcher(parent: int) -> None:
     """torchrun starts each rank in a session of its own, so nothing ends a rank whose launcher was killed:
     ask the kernel for SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG), and on SIGTERM leave as an
-    interrupted run with the steps done."""
+    interrupted run with the steps done. SIGHUP too: a closed terminal reaches torchrun's agent, which passes
+    the signal it got on to the ranks, and a rank that died of it left its peers with a broken pipe."""
     def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the first one ends the run; a second must not cut it short
+        for ending in ENDING_SIGNALS:  # the first one ends the run; a second must not cut it short
+            signal.signal(ending, signal.SIG_IGN)
         raise Interrupted(signum, launcher_gone=_gone(parent))
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for ending in ENDING_SIGNALS:
+        signal.signal(ending, on_sigterm)
     try:
         import ctypes
 
@@ -307,8 +312,8 @@ def run_rank(run: ResolvedRun, rank: int, local_rank: int, started: float, launc
     except BaseException as error:  # noqa: BLE001 - every failure becomes a result, then a prompt exit
         # The launcher signals every rank once one has failed, sometimes more than once: a signal now must
         # not interrupt the writing of this rank's result (it ended once in a traceback instead).
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for ending in (*ENDING_SIGNALS, signal.SIGINT):
+            signal.signal(ending, signal.SIG_IGN)
         code = fail(state, error)
     # Leave without the interpreter's teardown, which sometimes aborted a rank whose work was done and
     # written ("terminate called without an active exception": 3 of 41 two-launcher CPU runs, 0 of 40
