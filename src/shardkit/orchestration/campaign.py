@@ -21,7 +21,7 @@ from ..results.files import read_json
 from ..results.lock import folder_lock
 from ..spec import recipes
 from ..spec.presets import preset_name
-from ..spec.resolve import ResolvedRun
+from .row import Row, record_failure
 
 
 def visible_gpu_memory() -> list[int]:
@@ -106,17 +106,6 @@ def train_argv(recipe: recipes.Recipe, output_dir: Path, overrides: list[str], p
     if probe:
         argv += ["--max_steps", str(probe), "--save_strategy", "no"]
     return argv + overrides
-
-
-@dataclass(frozen=True)
-class Row:
-    """One recipe to run: where its results go, what overrides it, and the run it resolved to (once)."""
-
-    recipe: recipes.Recipe
-    folder: Path
-    overrides: tuple[str, ...]
-    probe: int | None
-    run: ResolvedRun
 
 
 def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], probe: int | None,
@@ -231,23 +220,6 @@ def first_node_lock(folder: Path, what: str, node_rank: int):
     """The folder's lock, held by the first node alone: the other nodes of a multi-node row are part of the
     same run and may share the folder."""
     return folder_lock(folder, what) if node_rank == 0 else contextlib.nullcontext()
-
-
-def record_failure(row: Row, failure: Failure, started: float | None = None) -> int:
-    """The row's result when something outside its ranks ended it (a time limit, a container's end): the
-    ranks' own results relabelled, with the steps they recorded, or a new one when they wrote none."""
-    from ..engine.launch import write_failure
-    from ..results.document import with_failure
-    from ..results.files import write_json_atomic
-
-    path = row.folder / RESULTS_FILE
-    if path.is_file():
-        recorded = read_json(path)
-        failure.step = failure.step or (recorded.get("failure") or {}).get("step")
-        document = with_failure(recorded, failure)
-        write_json_atomic(path, document)
-        return document["exit_code"]
-    return write_failure(row.run, started or time.time(), failure)
 
 
 def finished(output_dir: Path) -> bool:

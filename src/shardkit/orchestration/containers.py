@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..results.document import RESULTS_FILE
 from ..results.failure import Failure
 from ..results.files import read_json
-from . import campaign
+from .row import Row, record_failure
 
 ROOT = Path(__file__).resolve().parents[3]
 IMAGE_USER_ID = 1000  # the Dockerfile's non-root user
@@ -198,7 +198,7 @@ def _writable_by_image_user(folder: Path, results_root: Path) -> None:
         os.chown(target, IMAGE_USER_ID, IMAGE_USER_ID)
 
 
-def run_recipe(image: str, row: campaign.Row, results_root: Path, timeout_s: float | None, *, gpus: bool | None = None, mem_limit: str | None = None, network: str = "host",
+def run_recipe(image: str, row: Row, results_root: Path, timeout_s: float | None, *, gpus: bool | None = None, mem_limit: str | None = None, network: str = "host",
                echo=sys.stderr, recipes_dir: Path | None = None) -> int:
     """One row in a container: GPUs requested (unless the image is the cpu flavour), results folder (and
     optionally recipes) mounted, NCCL's and pinned memory's limits lifted. Returns the run's exit code
@@ -271,7 +271,7 @@ def run_recipe(image: str, row: campaign.Row, results_root: Path, timeout_s: flo
             container.remove(force=True)  # kills it first if it still runs
 
 
-def _classify_exit(row: campaign.Row, folder: Path, code: int | None, oom_killed: bool, timeout_s) -> int:
+def _classify_exit(row: Row, folder: Path, code: int | None, oom_killed: bool, timeout_s) -> int:
     """The container's ending as a result: the run's own results when it wrote them (ok, a CUDA OOM,
     an error), else written here from the exit code (the kernel's OOM kill, a timeout, a crash)."""
     if (folder / RESULTS_FILE).is_file():
@@ -290,4 +290,4 @@ def _classify_exit(row: campaign.Row, folder: Path, code: int | None, oom_killed
     else:
         failure = Failure(kind="error", message=f"container exited with code {code} without results")
     failure.container_exit_code = code
-    return campaign.record_failure(row, failure)
+    return record_failure(row, failure)
