@@ -1,9 +1,13 @@
 """The seed's two command lines, run verbatim from recipes/, and what a first hour with the CLI meets (bad input
 has its own list: tests/bad_inputs.py)."""
 
+import contextlib
 import json
+import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,15 +37,50 @@ def test_seed_scripts_are_the_documents_command_lines():
         assert script.stat().st_mode & 0o111
 
 
+@pytest.fixture
+def torchrun_on_a_free_port(tmp_path_factory) -> str:
+    """A PATH whose first torchrun is the real one with any --master_port replaced by a port free now, so
+    that tests running the seed's scripts (fixed port 22100) never collide with each other or another run."""
+    real = shutil.which("torchrun")
+    assert real, "torchrun is not on PATH"
+    folder = tmp_path_factory.mktemp("free-port-bin")
+    shim = folder / "torchrun"
+    shim.write_text(f"""#!{sys.executable}
+import os, re, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+args, skip = [], False
+for arg in sys.argv[1:]:
+    if skip:
+        args.append(port); skip = False
+    elif arg == "--master_port" or arg == "--master-port":
+        args.append(arg); skip = True
+    else:
+        args.append(re.sub(r"^(--master[_-]port=).*", lambda m: m.group(1) + port, arg))
+os.execv({real!r}, [{real!r}, *args])
+""")
+    shim.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
 @pytest.mark.parametrize("name, method, global_batch, steps", [
     ("FSDP", "fsdp_offload", 1 * 8 * 8, 3 * (6000 // 8 // 1 // 8)),
     ("Deepspeed", "zero3_offload", 8 * 2 * 8, 3 * (6000 // 8 // 8 // 2)),
 ])
-def test_seed_script_runs_as_dry_run_from_anywhere(name, method, global_batch, steps, tmp_path):
+def test_seed_script_runs_as_dry_run_from_anywhere(name, method, global_batch, steps, tmp_path,
+                                                   torchrun_on_a_free_port):
     script = SCRIPTS[name]
     # The script as written, with the dry-run flag after its last line; $0 is the script, as with `sh FILE`.
-    result = subprocess.run(["sh", "-c", script.read_text().rstrip("\n") + " --dry_run True", str(script)],
-                            cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    # Its fixed --master_port 22100 is taken here, as by another run on the same machine: the torchrun the
+    # script finds moves it to a free port, and the script stays verbatim.
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):  # already taken by someone else serves as well
+            taken.bind(("127.0.0.1", 22100))
+            taken.listen()
+        result = subprocess.run(["sh", "-c", script.read_text().rstrip("\n") + " --dry_run True", str(script)],
+                                cwd=tmp_path, env=cpu_env(PATH=torchrun_on_a_free_port), capture_output=True,
+                                text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "parameters   32,528,943,616" in out  # LLaMA-30B
