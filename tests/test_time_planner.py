@@ -120,3 +120,26 @@ def test_readme_shows_the_commands_real_output(capsys):
     assert f"$ shardkit {' '.join(command)}" in readme
     assert cli.main(command) == 0
     assert capsys.readouterr().out.strip() in readme, "paste the command's output into README.md again"
+
+
+def test_a_card_sets_the_memory_planned_against_and_a_contradicting_gpu_mem_is_named(capsys):
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "2", "--gpu", "L40S"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("llama-7b on 2 x 48 GiB (L40S 48GB, collectives over pcie)") and err == ""
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "2", "--gpu", "a100", "--gpu-mem", "40GB"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("llama-7b on 2 x 40 GiB (A100 SXM 80GB")
+    assert err.strip() == ("shardkit: planning against --gpu-mem 40 GiB, not the A100 SXM 80GB's 80 GiB; times are "
+                           "the A100 SXM 80GB's")
+
+
+def test_an_unknown_card_is_one_line_listing_the_known_ones(capsys):
+    assert cli.main(["plan", "--model", "llama-7b", "--gpus", "2", "--gpu", "v100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--gpu 'v100': not a card the planner knows; known: a100-sxm-80gb" in err
+    assert "rtx-6000-ada" in err and "l40s" in err
+
+
+@pytest.mark.parametrize("written", ["h100-pcie", "H100 PCIe", "nvidia-h100-pcie", "H100_PCIE"])
+def test_cards_are_named_forgivingly(written):
+    assert planner.card_for(written).name == "H100 PCIe 80GB"

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("recipes", help="list the recipes and the table row each reproduces")
     sub.add_parser("models", help="list the catalogued models (hub ids), their families and parameter counts")
+    sub.add_parser("cards", help="list the GPU cards the planner knows, with their datasheet figures")
     run = sub.add_parser("run", help="run one recipe (extra flags override its values, e.g. --max_steps 10)")
     run.add_argument("recipe")
     run.add_argument("--results", type=_folder, default=RESULTS_ROOT, help="results root (default %(default)s)")
@@ -134,18 +135,19 @@ def _plan_parser(sub) -> None:
     plan.add_argument("recipes", nargs="*", help="recipe names (shardkit recipes lists them)")
     plan.add_argument("--model", help="rank the configurations of this model that fit by predicted time, e.g. llama-30b")
     plan.add_argument("--gpus", type=int, default=None, help="GPUs (default: the recipe's; needed with --model)")
-    plan.add_argument("--gpu-mem", default="80GiB",
-                      help="memory per GPU (default %(default)s; GB means GiB, as on an '80GB' card, and so does "
-                           "a number without a unit)")
+    plan.add_argument("--gpu-mem", default=None,
+                      help="memory per GPU (default: the --gpu card's; GB means GiB, as on an '80GB' card, and so "
+                           "does a number without a unit)")
     plan.add_argument("--host-mem", default=None, help="host memory of the node, checked against what offload needs")
     plan.add_argument("--stack", choices=["today", "2023"], default="today",
                       help="today: shardkit's engine (FSDP2); 2023: the table's HF Trainer + torch 2.0 FSDP stack")
     plan.add_argument("--global-batch", type=_count, default=None,
                       help="with --model: sequences per optimizer step, split into micro-batch x accumulation")
-    plan.add_argument("--gpu", choices=["a100", "h100", "h200"], default="a100",
-                      help="the card time is predicted for (default %(default)s, the table's; docs/planner.md)")
-    plan.add_argument("--link", choices=["nvlink", "pcie"], default="nvlink",
-                      help="what the GPUs' collectives run over (default %(default)s)")
+    plan.add_argument("--gpu", default="a100",
+                      help="the card planned for, its memory and rates (default %(default)s, the table's A100 SXM "
+                           "80GB; shardkit cards lists them)")
+    plan.add_argument("--link", choices=["nvlink", "pcie"], default=None,
+                      help="what the GPUs' collectives run over (default: NVLink where the card has it, else PCIe)")
     plan.add_argument("--calibration", action="store_true",
                       help="every table row: the 2023 prediction against the table's memory and time, with residuals")
     plan.add_argument("--figure", default=None, help="with --calibration: also write the memory figure (PNG)")
@@ -238,6 +240,9 @@ def _dispatch(args, extra: list[str]) -> int:
     if args.command == "models":
         print(_models_table())
         return 0
+    if args.command == "cards":
+        print(_cards_table())
+        return 0
     if args.command == "recipes":
         for name in recipes.all_names():
             print(f"{name:<40} {recipes.load_recipe(name).description}")
@@ -316,9 +321,17 @@ def _plan(args) -> int:
     from .spec import recipes
     from .spec.typed import dump, validate
 
-    gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem")
+    card = planner.card_for(args.gpu)
+    gpu_memory = planner.parse_size(args.gpu_mem, "--gpu-mem") if args.gpu_mem else card.memory_bytes
+    if gpu_memory != card.memory_bytes:
+        # Said on stderr, so that --json stays one object per line on stdout.
+        print(f"shardkit: planning against --gpu-mem {gpu_memory / 2**30:g} GiB, not the {card.name}'s "
+              f"{card.memory_bytes / 2**30:g} GiB; times are the {card.name}'s", file=sys.stderr)
     host_memory = planner.parse_size(args.host_mem, "--host-mem") if args.host_mem else None
-    hardware = planner.Hardware(planner.CARDS[args.gpu], link=args.link)
+    link = args.link or ("nvlink" if card.nvlink_bytes_per_s else "pcie")
+    if link == "nvlink" and not card.nvlink_bytes_per_s:
+        raise UsageError(f"--link nvlink: the {card.name} has no NVLink among all GPUs of a node; use pcie")
+    hardware = planner.Hardware(card, link=link)
     if args.calibration:
         rows = planner.calibration()
         if args.figure:
@@ -380,6 +393,21 @@ def _models_table() -> str:
                      f"{a.vocab:7d} {a.context:7d}  {', '.join(notes)}")
     lines.append("Any of these by hub id (or the part after the owner), or a local folder with a config.json; "
                  "sources: src/shardkit/spec/data/models.json")
+    return "\n".join(lines)
+
+
+def _cards_table() -> str:
+    from .planner.hardware import CATALOGUE
+
+    lines = [f"{'card':16} {'name':22} {'memory':>7} {'bf16 peak':>10} {'matmul':>8} {'HBM':>9} {'NVLink':>9} "
+             f"{'PCIe':>8}  aliases"]
+    for key, c in CATALOGUE.items():
+        nvlink = f"{2 * c.nvlink_bytes_per_s / 1e9:.0f} GB/s" if c.nvlink_bytes_per_s else "none"
+        lines.append(f"{key:16} {c.name:22} {c.memory_bytes / 2**30:4.0f} GiB {c.peak_bf16_flops / 1e12:6.0f} TF/s "
+                     f"{c.matmul_flops / 1e12:5.0f} TF {c.hbm_bytes_per_s / 1e9:5.0f} GB/s {nvlink:>9} "
+                     f"{2 * c.pcie_bytes_per_s / 1e9:3.0f} GB/s  {', '.join(c.aliases)}")
+    lines.append("matmul: the achievable dense bf16 rate the time model uses (measured, or a measured card's fraction "
+                 "of its peak); sources: src/shardkit/planner/data/cards.json")
     return "\n".join(lines)
 
 

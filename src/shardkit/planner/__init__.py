@@ -14,7 +14,7 @@ from .calibration import (
     time_calibration_markdown,
     zero3_lead_markdown,
 )
-from .hardware import CARDS, LINKS, REFERENCE, Hardware, hardware_for
+from .hardware import CARDS, LINKS, REFERENCE, Hardware, card_for, hardware_for
 from .predict import (
     DEFAULT_GPU_MEMORY,
     GIB,
@@ -29,7 +29,7 @@ from .predict import (
 from .render import render, render_search, render_trace, time_summary
 from .search import ranked, search
 
-__all__ = ["CARDS", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
+__all__ = ["CARDS", "card_for", "DEFAULT_GPU_MEMORY", "GIB", "LINKS", "REFERENCE", "Hardware", "Prediction", "calibration",
            "calibration_figure", "calibration_markdown", "hardware_for", "parse_size", "predict", "predict_recipe",
            "ranked", "recipe_workload", "render", "render_search", "render_trace", "search", "shape_of", "time_calibration_figure",
            "time_calibration_markdown", "time_summary", "workload", "zero3_lead_markdown"]

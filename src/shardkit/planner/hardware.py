@@ -7,8 +7,13 @@ planner predicts for it (docs/planner.md)."""
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Literal
+
+from ..errors import UsageError
 
 Link = Literal["nvlink", "pcie"]
 LINKS: tuple[Link, ...] = ("nvlink", "pcie")
@@ -18,41 +23,72 @@ LINKS: tuple[Link, ...] = ("nvlink", "pcie")
 class Card:
     name: str
     matmul_flops: float
-    """Achievable dense bf16 matmul rate, FLOP/s: measured, not the datasheet peak."""
+    """Achievable dense bf16 matmul rate, FLOP/s: measured, or derived from a measurement (its source says how)."""
     matmul_source: str
     hbm_bytes_per_s: float
     """Memory bandwidth (datasheet): the rate of every memory-bound kernel."""
-    nvlink_bytes_per_s: float
-    """NVLink bandwidth per direction (datasheet total / 2): what a ring collective moves per GPU per second."""
+    nvlink_bytes_per_s: float | None
+    """NVLink bandwidth per direction (datasheet total / 2): what a ring collective moves per GPU per second;
+    None where the node's GPUs have no NVLink among all of them (collectives then run over PCIe)."""
     pcie_bytes_per_s: float
     """Host link per direction (datasheet total / 2)."""
     source: str
     device_names: tuple[str, ...]
-    """Substrings of torch.cuda.get_device_name() that mean this card."""
+    """Regular expressions matched against torch.cuda.get_device_name() that mean this card."""
+    memory_bytes: int = 80 * 2**30
+    """The datasheet's memory, its GB read as GiB as nvidia-smi counts it."""
+    key: str = ""
+    aliases: tuple[str, ...] = ()
+    peak_bf16_flops: float = 0.0
+    """The datasheet's dense bf16 peak."""
 
 
-CARDS: dict[str, Card] = {
-    "a100": Card(
-        "A100 SXM 80GB", 271.2e12,
-        "S. Bekman, 'Machine Learning Engineering', Maximum Achievable Matmul FLOPS table: 271.2 of 312 TFLOP/s "
-        "on an A100 SXM (mamf-finder, torch 2.6)",
-        2039e9, 300e9, 32e9,
-        "NVIDIA A100 datasheet (2021), 80GB SXM: HBM2e 2,039 GB/s, NVLink 600 GB/s, PCIe Gen4 64 GB/s",
-        ("A100",)),
-    "h100": Card(
-        "H100 SXM 80GB", 783.5e12,
-        "measured on an H100 80GB: a bf16 8192^3 matmul ran at 780-787 TFLOP/s (midpoint; datasheet 989)",
-        3350e9, 450e9, 64e9,
-        "NVIDIA H100 datasheet (2023), SXM: HBM3 3.35 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s",
-        ("H100",)),
-    "h200": Card(
-        "H200 SXM 141GB", 783.5e12,
-        "the H100's measured rate: the H200 has the same GH100 die and the same 989 TFLOP/s datasheet peak; "
-        "a run on it measures its own (matmul_bf16_flops)",
-        4800e9, 450e9, 64e9,
-        "NVIDIA H200 datasheet (2024), SXM: HBM3e 4.8 TB/s, NVLink 900 GB/s, PCIe Gen5 128 GB/s",
-        ("H200",)),
-}
+CARDS_FILE = Path(__file__).parent / "data" / "cards.json"
+
+
+def _load_cards() -> dict[str, Card]:
+    """The card catalogue (data/cards.json, each entry with its datasheet); a card with no matmul
+    measurement takes the measured fraction of its datasheet peak from the card it names."""
+    entries = json.loads(CARDS_FILE.read_text())["cards"]
+
+    def matmul(key: str) -> tuple[float, str]:
+        e = entries[key]
+        m = e["matmul"]
+        if "measured_tflops" in m:
+            return m["measured_tflops"] * 1e12, m["source"]
+        base_rate, base_source = matmul(m["fraction_of"])
+        fraction = base_rate / (entries[m["fraction_of"]]["peak_bf16_tflops"] * 1e12)
+        return (fraction * e["peak_bf16_tflops"] * 1e12,
+                f"{fraction:.1%} of the datasheet's {e['peak_bf16_tflops']:g} TFLOP/s, the measured fraction of "
+                f"the {entries[m['fraction_of']]['name']} ({m['why']}; that card: {base_source})")
+
+    cards = {}
+    for key, e in entries.items():
+        rate, rate_source = matmul(key)
+        nvlink = e["nvlink_gb_s"] * 1e9 / 2 if e["nvlink_gb_s"] else None
+        cards[key] = Card(e["name"], rate, rate_source, e["memory_gb_s"] * 1e9, nvlink, e["pcie_gb_s"] * 1e9 / 2,
+                          e["source"], tuple(e["device_names"]), int(e["memory_gb"] * 2**30), key,
+                          tuple(e.get("aliases", ())), e["peak_bf16_tflops"] * 1e12)
+    return cards
+
+
+CATALOGUE: dict[str, Card] = _load_cards()
+CARDS: dict[str, Card] = {**{alias: c for c in CATALOGUE.values() for alias in c.aliases}, **CATALOGUE}
+"""Every card by its key and its aliases (a100 is the A100 SXM 80GB, the table's; h100, h200 likewise)."""
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[\s_-]+", "-", name.strip().lower()).removeprefix("nvidia-")
+
+
+def card_for(name: str) -> Card:
+    """--gpu NAME: a key, an alias or a card's name, forgiving of case, spaces and dashes; one line for any other."""
+    wanted = _normal(name)
+    for key, card in CARDS.items():
+        if wanted in (_normal(key), _normal(card.name)):
+            return card
+    raise UsageError(f"--gpu {name!r}: not a card the planner knows; known: {', '.join(CATALOGUE)} "
+                     f"(and {', '.join(a for c in CATALOGUE.values() for a in c.aliases)})")
 
 
 @dataclass(frozen=True)
@@ -93,7 +129,9 @@ class Hardware:
     @property
     def collective_bytes_per_s(self) -> float:
         """Per-GPU bus bandwidth of a ring collective: NVLink, or the PCIe link when GPUs talk through it."""
-        return self.card.nvlink_bytes_per_s if self.link == "nvlink" else self.card.pcie_bytes_per_s
+        if self.link == "nvlink" and self.card.nvlink_bytes_per_s:
+            return self.card.nvlink_bytes_per_s
+        return self.card.pcie_bytes_per_s
 
     def host_link_bytes_per_s(self, gpus: int) -> float:
         """What one GPU's host transfers get per direction while every rank transfers at once."""
@@ -113,9 +151,9 @@ REFERENCE = Hardware(CARDS["a100"])
 
 
 def card_named(device_name: str | None) -> Card | None:
-    """The card whose name torch reports, or None for a card the table does not hold."""
-    for card in CARDS.values():
-        if device_name and any(pattern in device_name for pattern in card.device_names):
+    """The card whose name torch reports, or None for a card the catalogue does not hold."""
+    for card in CATALOGUE.values():
+        if device_name and any(re.search(pattern, device_name) for pattern in card.device_names):
             return card
     return None
 
