@@ -278,3 +278,23 @@ def test_one_diff_holds_a_rows_runs_on_every_stack_and_refuses_two_on_one(tmp_pa
     assert verdicts[ROW].predicted["stack"] == "today" and verdicts[f"{ROW}@period"].predicted["stack"] == "2023"
     with pytest.raises(UsageError, match=f"a second result for {ROW}@period"):
         diff.load_results([tmp_path / "full-period", tmp_path / "copy"])
+
+
+def test_the_diff_predicts_with_the_allocator_a_run_used():
+    from shardkit.verdict.diff import allocator_of
+
+    assert allocator_of({"allocator_conf": "expandable_segments:True"}) == "expandable"
+    assert allocator_of({"allocator_conf": "max_split_size_mb:128,expandable_segments:True"}) == "expandable"
+    assert allocator_of({"allocator_conf": "expandable_segments:False"}) == "default"
+    assert allocator_of({}) == "default"  # older results, and the 2023 stack's
+
+
+def test_expandable_segments_leave_no_fragmentation_uncertainty_and_keep_the_stream_pools():
+    from shardkit import planner
+    from shardkit.spec import recipes
+
+    recipe = recipes.load_recipe("llama-3.1-8b_fsdp_8gpu_bs1")
+    default = planner.predict_recipe(recipe, "today", allocator="default")
+    expandable = planner.predict_recipe(recipe, "today", allocator="expandable")
+    assert default.reserve_uncertainty > 0 and expandable.reserve_uncertainty == 0
+    assert expandable.reserved == default.reserved > expandable.allocated == default.allocated

@@ -52,6 +52,8 @@ def test_method_shards_trains_and_reports(method, tmp_path):
     assert doc["memory"]["max_over_ranks"]["host_rss_peak_bytes"] > 0
     assert doc["memory"]["max_over_ranks"]["gpu_max_reserved_bytes"] is None
     assert doc["environment"]["versions"]["torch"] and doc["data"]["fingerprint"].startswith("sha256:")
+    # The native engine on today's stack runs expandable segments unless the user's configuration says otherwise.
+    assert doc["environment"]["allocator_conf"] == "expandable_segments:True"
     saved = json.loads((out / "config.json").read_text())
     assert saved["config"]["gradient_checkpointing"] is True and saved["plan"]["world_size"] == 2
     if method == "zero3_offload":  # the seed config pins host memory; a CPU cannot, and the results say so

@@ -163,6 +163,9 @@ def _plan_parser(sub) -> None:
                            "model with it, eager in 2023)")
     plan.add_argument("--examples", type=_count, default=6000,
                       help="with --model: sequences in the data set (default %(default)s, the seed's)")
+    plan.add_argument("--allocator", choices=["default", "expandable"], default=None,
+                      help="the caching allocator's configuration (default: expandable segments on today's stack, "
+                           "as the native engine runs; the default allocator in 2023, torch 2.0 has no other)")
     plan.add_argument("--trace", action="store_true",
                       help="also run one rank of the FSDP configuration for real on fake tensors (the fastest "
                            "that fits, with --model) and print its figures beside the analytic ones (needs "
@@ -332,6 +335,10 @@ def _plan(args) -> int:
     if link == "nvlink" and not card.nvlink_bytes_per_s:
         raise UsageError(f"--link nvlink: the {card.name} has no NVLink among all GPUs of a node; use pcie")
     hardware = planner.Hardware(card, link=link)
+    allocator = args.allocator or ("expandable" if args.stack == "today" else "default")
+    if args.stack == "2023" and allocator == "expandable":
+        raise UsageError("--allocator expandable --stack 2023: torch 2.0's caching allocator has no expandable "
+                         "segments")
     if args.calibration:
         rows = planner.calibration()
         if args.figure:
@@ -348,7 +355,8 @@ def _plan(args) -> int:
         if args.gpus is None:
             raise UsageError("--model needs --gpus")
         found = planner.search(args.model, args.gpus, gpu_memory, args.stack, args.global_batch, host_memory,
-                               hardware, args.seq_len, args.attention, args.beyond_context, args.examples)
+                               hardware, args.seq_len, args.attention, args.beyond_context, args.examples,
+                               allocator)
         fitting, _ = planner.ranked(found)
         traced = [_traced(args.model, p) for p in _to_trace(fitting or found)] if args.trace else []
         if args.json:
@@ -368,7 +376,7 @@ def _plan(args) -> int:
         recipe = recipes.load_recipe(name)
         if args.seq_len:
             recipe = validate(type(recipe), {**dump(recipe), "seq_len": args.seq_len})
-        p = planner.predict_recipe(recipe, args.stack, gpu_memory, host_memory, args.gpus, hardware)
+        p = planner.predict_recipe(recipe, args.stack, gpu_memory, host_memory, args.gpus, hardware, allocator)
         traced = [_traced(recipe.model, p)] if args.trace else []
         print(json.dumps({**p.to_dict(), **_trace_dict(traced, p)}) if args.json else planner.render(p) + "\n")
         for p, t in traced if not args.json else ():

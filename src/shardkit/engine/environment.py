@@ -62,6 +62,8 @@ def capture(world_size: int) -> dict:
         # DeepSpeed's CPU Adam (offload rows) runs on these threads: part of what the time measures.
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # The caching allocator's configuration the run used (unset: torch's default).
+        "allocator_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "versions": {name: _version(name) for name in LIBRARIES},
         "git_commit": git_commit(),
         "container_image": os.environ.get("SHARDKIT_IMAGE_DIGEST"),

@@ -68,6 +68,11 @@ def _launch(run: ResolvedRun) -> int:
     for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    if run.config.engine == "native" and run.config.stack == "today":
+        # As torchtitan's launcher does: expandable segments keep the compute stream's pool from fragmenting
+        # (the planner's reserve uncertainty). The user's own configuration wins; the 2023 stack keeps
+        # torch 2.0's only allocator. Set before any CUDA allocation, so the ranks and this process see it.
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if run.plan.fake_world:  # this process is the one rank; its wall time is the launcher's
         from .rank import run_rank
 

@@ -22,6 +22,8 @@ from ..spec.parallelism import Parallelism
 
 Stack = Literal["2023", "today"]
 Attention = Literal["eager", "sdpa"]
+Allocator = Literal["default", "expandable"]
+ALLOCATORS: tuple[str, ...] = ("default", "expandable")
 
 GROUPS = ("parameters", "gradients", "optimizer states", "activations", "logits and loss",
           "communication and prefetch", "caching allocator", "runtime", "host")
@@ -71,6 +73,9 @@ class Workload:
     examples: int = 6000
     epochs: float = 3
     save_every: int | None = 100
+    allocator: Allocator = "default"
+    """The caching allocator's configuration: default, or expandable segments (PYTORCH_CUDA_ALLOC_CONF=
+    expandable_segments:True, what the native engine runs on today's stack unless told otherwise)."""
 
     @property
     def tokens(self) -> int:

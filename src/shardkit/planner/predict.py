@@ -86,13 +86,14 @@ def workload(model: str, parallelism: Parallelism, gpus: int, micro_batch: int, 
     return w
 
 
-def recipe_workload(recipe, gpus: int | None = None) -> mm.Workload:
+def recipe_workload(recipe, gpus: int | None = None, allocator: str = "default") -> mm.Workload:
     """A recipe's workload, its sequence length as written: the engine runs it beyond the context too."""
     attention = "eager" if recipe.attn == "eager" else "sdpa"
     return workload(recipe.model, recipe.parallelism, recipe.gpus if gpus is None else gpus, recipe.batch,
                     recipe.grad_ckpt, recipe.accumulation, attention, recipe.seq_len, beyond_context=True,
                     examples=recipe.num_examples,
-                    epochs=recipe.epochs, save_every=recipe.save_steps if recipe.save else None)
+                    epochs=recipe.epochs, save_every=recipe.save_steps if recipe.save else None,
+                    allocator=allocator)
 
 
 @dataclass
@@ -156,7 +157,14 @@ class Prediction:
         request finds no cached block large enough (best fit, blocks split by longer-lived tensors such as
         checkpoints or the optimizer's states), the allocator reserves a new segment of the request's size;
         the requests that recur in every layer are the layer phase's transients, so the bound stated here is
-        one more copy of them: the layer phase's live bytes (docs/planner.md: a bound argued, not proven)."""
+        one more copy of them: the layer phase's live bytes (docs/planner.md: a bound argued, not proven).
+
+        With expandable segments (torch's "CUDA semantics" notes: one segment per stream that grows by mapping
+        2 MiB pages) a request no cached block can serve extends the segment instead of reserving a new one of
+        its own size, so that fragmentation does not build up: no uncertainty beyond a page per stream. The
+        per-stream pools (the reserve terms) remain: each stream still has its own segment."""
+        if self.workload.allocator == "expandable":
+            return 0
         return sum(t.bytes for t in self.terms if t.device == "gpu" and t.kind == "live" and t.phase == "layer")
 
     @property
@@ -252,7 +260,7 @@ class Prediction:
             "workload": {**w.shape.describe(), "parameters": w.shape.params,
                          "method": w.parallelism.name, "kind": w.method, "offload": w.offload, "gpus": w.gpus, "micro_batch": w.micro_batch,
                          "seq_len": w.seq_len, "grad_ckpt": w.grad_ckpt, "accumulation": w.accumulation,
-                         "attention": w.attention},
+                         "attention": w.attention, "allocator": w.allocator},
             "gpu_memory_bytes": self.gpu_memory, "gpu_live_bytes": self.live,
             "gpu_with_elastic_bytes": self.with_elastic, "gpu_reported_bytes": self.reported,
             "gpu_allocated_bytes": self.allocated, "gpu_reserved_bytes": self.reserved,
@@ -279,5 +287,5 @@ def predict(w: mm.Workload, stack: str = "today", gpu_memory: int = DEFAULT_GPU_
 
 def predict_recipe(recipe, stack: str = "today", gpu_memory: int = DEFAULT_GPU_MEMORY,
                    host_memory: int | None = None, gpus: int | None = None,
-                   hardware: Hardware = REFERENCE) -> Prediction:
-    return predict(recipe_workload(recipe, gpus), stack, gpu_memory, host_memory, recipe.name, hardware)
+                   hardware: Hardware = REFERENCE, allocator: str = "default") -> Prediction:
+    return predict(recipe_workload(recipe, gpus, allocator), stack, gpu_memory, host_memory, recipe.name, hardware)

@@ -17,7 +17,7 @@ BATCHES = (1, 2, 4, 8, 16, 32)
 def search(model: str, gpus: int, gpu_memory: int = DEFAULT_GPU_MEMORY, stack: str = "today",
            global_batch: int | None = None, host_memory: int | None = None,
            hardware: Hardware = REFERENCE, seq_len: int | None = None, attention: str | None = None,
-           beyond_context: bool = False, examples: int = 6000) -> list[Prediction]:
+           beyond_context: bool = False, examples: int = 6000, allocator: str = "default") -> list[Prediction]:
     """Every method x offload x checkpointing x batch on this many GPUs, fastest predicted full run first;
     the caller keeps what fits (``ranked``). ``attention``: None is the stack's own (eager in 2023; SDPA
     today, where transformers runs the model with it)."""
@@ -48,7 +48,7 @@ def search(model: str, gpus: int, gpu_memory: int = DEFAULT_GPU_MEMORY, stack: s
         elif gpus * batch * parallelism.seed_accumulation > examples:
             continue  # a step larger than the data set
         w = workload(model, parallelism, gpus, batch, ckpt, accumulation, attention, seq_len, beyond_context,
-                     examples=examples)
+                     examples=examples, allocator=allocator)
         label = f"{parallelism.name.replace('_', '-')}_bs{batch}{'' if ckpt else '_nockpt'}"
         out.append(predict(w, stack, gpu_memory, host_memory, label, hardware))
     if not out:

@@ -146,11 +146,18 @@ def predicted(ref: ReferenceRow, result: dict | None) -> dict:
     gpu = environment.get("gpu") or {}
     hardware = hardware_for(gpu.get("name"), environment.get("matmul_bf16_flops")) or REFERENCE
     p = predict_recipe(load_recipe(ref.recipe), stack_of(result), gpu.get("memory_bytes") or DEFAULT_GPU_MEMORY,
-                       hardware=hardware)
+                       hardware=hardware, allocator=allocator_of(environment))
     return {"stack": p.stack, "verdict": p.verdict, "live_gb": p.live / BYTES_PER_TABLE_GB,
             "memory_gb": None if p.reported is None else p.reported / BYTES_PER_TABLE_GB,
             "time_s": p.time.run_seconds, "step_s": p.time.step_seconds, "dominant": p.time.dominant,
             "card": hardware.card.name, "matmul_flops": hardware.matmul_flops}
+
+
+def allocator_of(environment: dict) -> str:
+    """The caching allocator a run used, from the configuration its results recorded (older results, and the
+    2023 stack's, have none: torch's default)."""
+    conf = (environment.get("allocator_conf") or "").replace(" ", "").lower()
+    return "expandable" if "expandable_segments:true" in conf else "default"
 
 
 def judge_table_row(ref: ReferenceRow, result: dict | None, tol: Tolerances, not_run_reason: str) -> Verdict:
