@@ -61,6 +61,9 @@ MEMORY_KEYS = ("gpu_max_allocated_bytes", "gpu_max_reserved_bytes", "gpu_nvml_us
 TARBALL_LIMIT = 15 * MIB  # a file over 16 MiB does not come back from a GPU machine
 # The replay whose allocator history comes back (its segments and streams, for the reserve model).
 SNAPSHOT_ROW = "llama-7b_fsdp_8gpu_bs1"
+# A catalogued grouped-query-attention model beyond the table, replayed with each allocator configuration.
+GQA_ROW = "llama-3.1-8b_fsdp_8gpu_bs1"
+ALLOCATOR_CONF = {"default": "expandable_segments:False", "expandable": "expandable_segments:True"}
 
 
 class Interrupted(BaseException):
@@ -75,6 +78,7 @@ class Run:
     argv: list[str]  # after the Python interpreter
     folder: Path  # its results.json is found below it
     preexec: Callable[[], None] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
 
 
 @dataclass
@@ -175,7 +179,7 @@ def run_all(ctx: Context, stage: dict, runs: list[Run], deadline: float, jobs: i
                 with open(log, "w") as handle:
                     process = subprocess.Popen([sys.executable, *run.argv], cwd=ROOT, stdout=handle,
                                                stderr=subprocess.STDOUT, start_new_session=True,
-                                               preexec_fn=run.preexec)
+                                               preexec_fn=run.preexec, env={**os.environ, **run.env})
                 active[run.name] = (run, process, time.monotonic(), log)
             if not active:
                 break
@@ -511,21 +515,38 @@ def stage_replays(ctx: Context, stage: dict, deadline: float, stack: str = "toda
         tiny = recipes.load_recipe(smoke.TINY[0])
         tiny = tiny.model_copy(update={"grad_accum": 1}) if stack == "today" else tiny
         chosen = [(tiny, planner.predict_recipe(tiny, stack, CARD))]
+    extra = []  # (label, recipe, prediction, allocator)
+    if stack == "today":
+        # Named "<row>@<allocator>" in the report; each runs with its own PYTORCH_CUDA_ALLOC_CONF.
+        gqa = recipes.load_recipe(GQA_ROW).model_copy(update={"grad_accum": 1})
+        for allocator in ALLOCATOR_CONF:
+            p = planner.predict_recipe(gqa, stack, CARD, allocator=allocator)
+            stage["predictions"][f"{GQA_ROW}@{allocator}"] = p.to_dict()
+            if ctx.rehearsal:
+                stage["rows"].append(finish_row({"name": f"{GQA_ROW}@{allocator}", "status": "predicted only "
+                                                 "(rehearsal)", **_predicted(p), "checks": {"predicted": p.live > 0}}))
+            else:
+                extra.append((f"{GQA_ROW}@{allocator}", gqa, p, allocator))
     root = ctx.work / "runs" / stage["name"]
     table = reference.load_table()
     # Two steps' worth of examples: the table's 6000 would only cost seconds of data generation per replay.
-    runs = [Run(recipe.name, ["-m", "shardkit", "run", recipe.name, "--runner", "native", "--results", str(root),
-                              "--probe", "2", "--gradient_accumulation_steps", str(recipe.accumulation),
-                              "--fake_world", str(recipe.gpus), "--stack", stack,
-                              "--num_examples", str(2 * recipe.gpus * recipe.batch * recipe.accumulation),
-                              "--max_gpu_memory", f"{CARD / GIB:g}"],
-                campaign.row_dir(root, recipe, 2, campaign.row_stack(["--stack", stack], period=False)))
-            for recipe, _ in chosen]
+    def replay(label: str, recipe, folder: Path, env: dict | None = None) -> Run:
+        return Run(label, ["-m", "shardkit", "run", recipe.name, "--runner", "native", "--results", str(folder),
+                           "--probe", "2", "--gradient_accumulation_steps", str(recipe.accumulation),
+                           "--fake_world", str(recipe.gpus), "--stack", stack,
+                           "--num_examples", str(2 * recipe.gpus * recipe.batch * recipe.accumulation),
+                           "--max_gpu_memory", f"{CARD / GIB:g}"],
+                   campaign.row_dir(folder, recipe, 2, campaign.row_stack(["--stack", stack], period=False)),
+                   env=env or {})
+
+    runs = [replay(recipe.name, recipe, root) for recipe, _ in chosen]
+    runs += [replay(label, recipe, root / allocator, {"PYTORCH_CUDA_ALLOC_CONF": ALLOCATOR_CONF[allocator]})
+             for label, recipe, _, allocator in extra]
     snapshot_of = SNAPSHOT_ROW if stack == "today" and not ctx.rehearsal else (runs[0].name if runs else None)
     for run in runs:
         if run.name == snapshot_of:  # on CPU the flag is exercised and makes nothing
             run.argv += ["--memory_snapshot", "True"]
-    predictions = {recipe.name: p for recipe, p in chosen}
+    predictions = {recipe.name: p for recipe, p in chosen} | {label: p for label, _, p, _ in extra}
     # One at a time: each replay's NVML figure must be its own.
     for run in runs:
         (outcome,) = run_all(ctx, stage, [run], deadline)
