@@ -298,3 +298,23 @@ def test_expandable_segments_leave_no_fragmentation_uncertainty_and_keep_the_str
     expandable = planner.predict_recipe(recipe, "today", allocator="expandable")
     assert default.reserve_uncertainty > 0 and expandable.reserve_uncertainty == 0
     assert expandable.reserved == default.reserved > expandable.allocated == default.allocated
+
+
+def _markdown_columns(markdown: str) -> list[list[str]]:
+    """Each column's cells, header first; the "| --- |" rule is left out."""
+    lines = [line.strip("|").split(" | ") for line in markdown.splitlines()
+             if line.startswith("| ") and not line.startswith("| --- ")]
+    return [[cell.strip() for cell in cells] for cells in zip(*lines, strict=True)]
+
+
+def test_the_markdown_report_shows_no_column_that_every_row_leaves_empty(real_result):
+    _, result = real_result
+    tiny = report.markdown(report.rows([judge(result)]))
+    columns = _markdown_columns(tiny)
+    assert [column[0] for column in columns][:2] == ["recipe", "verdict"]
+    assert all(any(column[1:]) for column in columns), tiny
+    assert "reference_memory" not in tiny and len(columns) < len(report.COLUMNS)
+    # A table row beside it brings its reference columns back, empty only in the tiny row's cells.
+    mixed = report.markdown(report.rows([judge(as_table_row(result, ROW, memory_gb=28, hours=0.1)), judge(result)]))
+    assert "reference_memory" in mixed and "reference_time_s" in mixed
+    assert all(any(column[1:]) for column in _markdown_columns(mixed))

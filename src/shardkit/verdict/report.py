@@ -47,9 +47,17 @@ def rows(verdicts: list[Verdict]) -> list[dict]:
     return out
 
 
+def shown_columns(table: list[dict]) -> list[str]:
+    """The columns some row fills: a tiny row has no reference memory or time, no prediction and no GPU,
+    and a table of them showed ten empty columns out of sixteen. The row's name and verdict always show."""
+    return [c for c in COLUMNS if c in ("recipe", "verdict") or any(str(row[c]) for row in table)]
+
+
 def markdown(table: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in COLUMNS) + " |" for row in table]
+    """The table for people: only the columns that apply to some row (the CSV keeps all, for scripts)."""
+    columns = shown_columns(table)
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]).replace("|", "/") for c in columns) + " |" for row in table]
     return "\n".join(lines) + "\n"
 
 
