@@ -185,6 +185,23 @@ def test_a_corrupt_checkpoint_is_refused_before_any_rank_starts(tmp_path):
     assert (out / "results.json").read_bytes() == earlier  # refused before anything was touched
 
 
+def test_a_resume_from_another_methods_checkpoint_is_one_line_naming_both_before_any_rank_starts(tmp_path):
+    out = tmp_path / "run"
+    steps = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    first = subprocess.run([sys.executable, "-m", "shardkit.train", *tiny(out, "fsdp", *steps)], cwd=ROOT,
+                           env=cpu_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    earlier = (out / "results.json").read_bytes()
+    other = subprocess.run([sys.executable, "-m", "shardkit.train",
+                            *tiny(out, "zero3", *steps, "--resume_from_checkpoint", str(out / "checkpoint-2"))],
+                           cwd=ROOT, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    lines = other.stderr.strip().splitlines()
+    assert other.returncode == 2 and len(lines) == 1, other.stderr[-2000:]
+    assert ("a checkpoint of fsdp on 2 ranks, model tiny, today stack; this run is zero3 on 2 ranks, model tiny, "
+            "today stack") in lines[0]
+    assert (out / "results.json").read_bytes() == earlier  # refused when resolved: no rank wrote anything
+
+
 def test_a_second_run_into_the_same_folder_is_refused_and_the_first_keeps_its_results(tmp_path):
     out = tmp_path / "run"
     first = start(tiny(out, "fsdp", *LONG))

@@ -93,4 +93,5 @@ def restore(strategy, folder: Path) -> dict:
     strategy.load(folder)
     state = json.loads((folder / STATE_FILE).read_text())
     manifest = json.loads((folder / MANIFEST).read_text())
+    state.pop("run", None)  # checked when the run was resolved
     return {**state, "step": manifest["step"]}

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..results.record import Recorder
+from ..spec.resume import run_identity
 from . import checkpoints
 from .data import RankSampler
 from .measure import StepClock
@@ -62,7 +63,8 @@ def run_loop(strategy: Strategy, dataset, run: ResolvedRun, rank: int, device, r
                 progress.update(step, recorder.loss[-1], tokens_per_step / elapsed, memory.current())
                 if plan.save_every and step % plan.save_every == 0:
                     started = time.perf_counter()
-                    position = {"epoch": step // plan.steps_per_epoch}
+                    # What made the checkpoint, so that a resume by another run is refused before it starts.
+                    position = {"epoch": step // plan.steps_per_epoch, "run": run_identity(plan, cfg.stack)}
                     checkpoints.save(strategy, cfg.output_dir, step, position, cfg.save_total_limit)
                     recorder.checkpoint_s.append(time.perf_counter() - started)
                 if step >= plan.total_steps:

@@ -18,7 +18,7 @@ from .deepspeed_config import resolve_deepspeed_config
 from .parallelism import Parallelism, deepspeed_offload
 from .paths import folder_problem
 from .presets import ModelSpec, parameter_counts, resolve_model
-from .resume import check_resume
+from .resume import check_resume, check_same_run, run_identity
 from .typed import dump
 
 
@@ -157,6 +157,8 @@ def resolve(cfg: TrainConfig, launch: Launch = Launch(), torchrun_world: int | N
                    stack=cfg.stack)
     if deepspeed_json is not None:
         plan.deepspeed_config = resolve_deepspeed_config(cfg, plan, deepspeed_json)
+    if cfg.resume_from_checkpoint and cfg.engine == "native":
+        check_same_run(cfg.resume_from_checkpoint, cfg.output_dir, run_identity(plan, cfg.stack))
     return ResolvedRun(cfg, plan, launch)
 
 

@@ -3,6 +3,7 @@ when the run is resolved rather than inside every rank."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -37,6 +38,31 @@ def find(resume_from: str, output_dir: str) -> Path:
         raise UsageError(f"--resume_from_checkpoint {resume_from!r}: not a finished shardkit checkpoint "
                          f"(no {MANIFEST})")
     return folder
+
+
+def run_identity(plan, stack: str) -> dict:
+    """What a checkpoint holds the state of: its method, world size, model and stack. Another run cannot
+    load it (shards of another world size or method, another model's parameters)."""
+    return {"method": plan.parallelism.name, "world_size": plan.world_size, "model": plan.model.name,
+            "stack": stack}
+
+
+def _said(identity: dict) -> str:
+    return (f"{identity['method']} on {identity['world_size']} ranks, model {identity['model']}, "
+            f"{identity['stack']} stack")
+
+
+def check_same_run(resume_from: str, output_dir: str, identity: dict) -> None:
+    """A checkpoint of another method, world size, model or stack: one line naming both sides. Checkpoints
+    written before they recorded it pass (their ranks' own loading decides)."""
+    folder = find(resume_from, output_dir)
+    try:
+        saved = json.loads((folder / STATE_FILE).read_text()).get("run")
+    except (OSError, ValueError):
+        return  # the launcher's verification names a damaged checkpoint
+    if saved and saved != identity:
+        raise UsageError(f"--resume_from_checkpoint {resume_from}: a checkpoint of {_said(saved)}; this run is "
+                         f"{_said(identity)}")
 
 
 def check_resume(resume_from: str | None, output_dir: str, engine: str) -> None:
