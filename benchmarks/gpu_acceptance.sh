@@ -48,10 +48,6 @@ else
   capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1)
   export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${capability:-9.0}}"
 fi
-# One build folder for the background build and every launcher: shardkit's own for this environment
-# (where a killed build's lock is removed under shardkit's build lock).
-TORCH_EXTENSIONS_DIR=$(python3 -c "from shardkit.engine.deepspeed_ops import extensions_dir; print(extensions_dir())")
-export TORCH_EXTENSIONS_DIR
 if [ -n "${GPU_ACCEPTANCE_STAGES:-}" ]; then
   args+=(--stages "$GPU_ACCEPTANCE_STAGES")
 fi

@@ -148,9 +148,9 @@ def run_trainer(run: ResolvedRun, rank: int, device, dataset, recorder: Recorder
     # Arguments first: with a ZeRO-3 config alive, transformers builds the model under deepspeed.zero.Init.
     args = TrainingArguments(**training_arguments(run, device))
     if plan.parallelism.kind == "zero3":
-        import deepspeed
+        from .deepspeed_ops import init_distributed
 
-        deepspeed.init_distributed()  # zero.Init partitions over deepspeed.comm, which must adopt our group
+        init_distributed()  # zero.Init partitions over deepspeed.comm, which must adopt our group
     model = build_model(plan.model, cfg.attn_implementation, cfg.seed)
     callback = _measuring_callback(recorder, memory, plan, rank, cfg.logging_steps)
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback])

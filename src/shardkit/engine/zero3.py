@@ -16,10 +16,11 @@ class ZeroStrategy:
     def __init__(self, run: ResolvedRun, device):
         import deepspeed
 
+        from .deepspeed_ops import init_distributed
         from .models import build_model, enable_checkpointing
 
         cfg, plan = run.config, run.plan
-        deepspeed.init_distributed()  # adopts the process group the rank created
+        init_distributed()  # adopts the process group the rank created
         self.config = plan.deepspeed_config
         from transformers.integrations import HfDeepSpeedConfig
 
