@@ -1,11 +1,16 @@
 """Sessions over the shardkit package; `nox --list` shows them. Heavy ones are not run by default."""
 
+import hashlib
 import shutil
+from pathlib import Path
 
 import nox
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.default_venv_backend = "venv"
+# A session's environment is kept between runs (nox --reuse-venv=no recreates it): recreating it
+# reinstalled torch and the rest on every run, most of a second `nox -s smoke`.
+nox.options.reuse_venv = "yes"
 
 # The CPU wheel that lies on this project's machines. Installed first, so that nothing resolves the
 # unpinned `torch` requirement to a multi-GB CUDA build.
@@ -13,8 +18,16 @@ TORCH_CPU = "torch==2.13.0"
 
 
 def install(session: nox.Session, extras: str = "test") -> None:
+    """torch's CPU wheel, then shardkit editable with ``extras``; skipped in a kept environment that already
+    holds them for this pyproject.toml (shardkit's own code is editable: a change to it needs no install)."""
+    wanted = hashlib.sha256(f"{TORCH_CPU} {extras} {Path('pyproject.toml').read_text()}".encode()).hexdigest()
+    stamp = Path(session.virtualenv.location) / f".shardkit-{extras}"
+    if stamp.exists() and stamp.read_text() == wanted:
+        session.log(f"kept environment: torch and shardkit[{extras}] already installed")
+        return
     session.install(TORCH_CPU)
     session.install("-e", f".[{extras}]")
+    stamp.write_text(wanted)
 
 
 def pytest(session: nox.Session, *args: str) -> None:
