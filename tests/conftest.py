@@ -44,6 +44,22 @@ def seed_ds_config() -> Path:
     return SEED_DS_CONFIG
 
 
+@pytest.fixture
+def word_tokenizer(tmp_path):
+    """A real tokenizer made locally (nothing downloaded): one id per word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "<unk>", "what", "is", "two", "plus", "four", "six", "say", "hi", "hello"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        unk_token="<unk>")
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true",
                      help="also run the slow tier (multi-process training, containers); CI runs it")

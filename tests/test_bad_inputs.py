@@ -47,3 +47,36 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, folder):
     assert "Traceback" not in result.stderr and result.stdout == ""
     assert not out.exists()
     assert written(folder) == before
+
+
+FSDP = ["--fsdp", "full_shard auto_wrap"]
+INERT = {
+    "save_steps without a save strategy": (["shardkit.train", *FSDP, "--save_strategy", "no", "--save_steps", "3"],
+                                          "--save_steps 3 does nothing with --save_strategy no"),
+    "a save limit without a save strategy": (["shardkit.train", *FSDP, "--save_strategy", "no",
+                                              "--save_total_limit", "2"], "--save_total_limit 2 does nothing"),
+    "saves in a fake world": (["shardkit.train", *FSDP, "--fake_world", "8", "--save_steps", "3"],
+                              "--save_steps 3 does nothing with --fake_world 8"),
+    "num_examples beside a data set": (["shardkit.train", *FSDP, "--data_path", "data/good.json", "--tokenizer_path",
+                                        "{tokenizer}", "--per_device_train_batch_size", "1", "--num_examples", "9"],
+                                       "--num_examples 9 does nothing"),
+    "a tokenizer without a data set": (["shardkit.train", *FSDP, "--tokenizer_path", "tokenizer_empty"],
+                                       "--tokenizer_path tokenizer_empty does nothing without --data_path"),
+    # A recipe that does not save (SAVE=False) given a save interval: the case that used to pass in silence.
+    "a recipe's save_strategy no": (["shardkit", "run", "tiny_fsdp_2cpu_bs4", "--results", "{out}", "--save_steps",
+                                     "3"], "recipe tiny_fsdp_2cpu_bs4: --save_steps 3 does nothing"),
+}
+
+
+@pytest.mark.parametrize("command, fragment", INERT.values(), ids=INERT.keys())
+def test_a_flag_that_does_nothing_in_the_combination_given_says_so_in_one_line(command, fragment, folder, tmp_path,
+                                                                              word_tokenizer):
+    out = tmp_path / "out"
+    command = [part.replace("{out}", str(out)).replace("{tokenizer}", str(word_tokenizer)) for part in command]
+    if command[0] == "shardkit.train":
+        command += ["--output_dir", str(out)]
+    result = subprocess.run([sys.executable, "-m", *command, "--dry_run"], cwd=folder, env=cpu_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = [line for line in result.stderr.splitlines() if line.startswith("shardkit: note: ")]
+    assert len(notes) == 1 and fragment in notes[0], result.stderr[-2000:]

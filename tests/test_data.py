@@ -34,22 +34,6 @@ def test_rank_sampler_partitions_and_resumes():
     assert list(resumed) == shares[1][2:]
 
 
-@pytest.fixture
-def word_tokenizer(tmp_path):
-    """A real tokenizer made locally (nothing downloaded): one id per word."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<eos>", "<unk>", "what", "is", "two", "plus", "four", "six", "say", "hi", "hello"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")
-    folder = tmp_path / "tokenizer"
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_instruction_data_masks_prompt_and_padding(tmp_path, word_tokenizer):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"prompt": "what is two plus four", "response": "six"}) + "\n"

@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         from .engine.preflight import check_engine
-        from .spec.flags import parse_args
+        from .spec.config import inert_flags
+        from .spec.flags import parse_args, typed_fields
         from .spec.resolve import resolve
 
         cfg, launch_options = parse_args(argv)
@@ -29,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"shardkit: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if rank == 0:
+        for note in inert_flags(cfg, typed_fields(argv)):
+            print(f"shardkit: note: {note}", file=sys.stderr, flush=True)
     if cfg.dry_run:
         if rank == 0:
             from .spec.resolve import dry_run_text

@@ -113,7 +113,8 @@ def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], prob
     """The row's command line, parsed and resolved once; refused input names the recipe. ``checks_here``
     False (the row runs in a container, which checks its own installation, stack and devices): nothing this
     machine has installed is asked (check_row does that for a row that runs here)."""
-    from ..spec.flags import parse_args
+    from ..spec.config import inert_flags
+    from ..spec.flags import parse_args, typed_fields
     from ..spec.resolve import resolve
 
     try:
@@ -125,6 +126,8 @@ def resolve_row(recipe: recipes.Recipe, folder: Path, overrides: list[str], prob
                              f"{said}: the run would be {run.plan.parallelism.name}")
     except UsageError as error:
         raise UsageError(f"recipe {recipe.name}: {error}") from None
+    for note in inert_flags(cfg, typed_fields(list(overrides))):
+        print(f"shardkit: note: recipe {recipe.name}: {note}", file=sys.stderr, flush=True)
     row = Row(recipe, folder, tuple(overrides), probe, run)
     if checks_here:
         check_row(row)

@@ -232,6 +232,27 @@ class TrainConfig(BaseModel, **STRICT):
         return "offload" in self.fsdp.split()
 
 
+def inert_flags(cfg: TrainConfig, given: set[str]) -> list[str]:
+    """One line for each flag in ``given`` (the fields a person typed) that does nothing with the rest of the
+    configuration: the run goes ahead as HF Trainer would run it, but nobody is left thinking it was used."""
+    notes = []
+    if cfg.save_strategy == "no":
+        notes += [f"--{name} {getattr(cfg, name)} does nothing with --save_strategy no: no checkpoint is written "
+                  "(HF Trainer's rule; add --save_strategy steps to save)"
+                  for name in ("save_steps", "save_total_limit") if name in given]
+    elif cfg.fake_world:
+        notes += [f"--{name} {getattr(cfg, name)} does nothing with --fake_world {cfg.fake_world}: a fake world "
+                  "writes no checkpoints (they would hold one rank's shards)"
+                  for name in ("save_strategy", "save_steps", "save_total_limit") if name in given]
+    if cfg.data_path and "num_examples" in given:
+        notes.append(f"--num_examples {cfg.num_examples} does nothing with --data_path: the run takes every "
+                     f"example of {cfg.data_path}")
+    if not cfg.data_path and "tokenizer_path" in given:
+        notes.append(f"--tokenizer_path {cfg.tokenizer_path} does nothing without --data_path: synthetic "
+                     "examples are token ids already")
+    return notes
+
+
 def field_help() -> dict[str, str]:
     """Each field's docstring, for ``--help``."""
     return field_docstrings(TrainConfig)

@@ -59,6 +59,12 @@ def make_config(values: dict) -> TrainConfig:
         raise UsageError(_one_line(error, values)) from None
 
 
+def typed_fields(argv: list[str] | None) -> set[str]:
+    """The configuration fields a command line (or a recipe's overrides; None: this process's) sets."""
+    namespace, _ = build_parser().parse_known_args(argv)
+    return {k for k, v in vars(namespace).items() if v is not None and k not in LAUNCH_FLAGS}
+
+
 def parse_args(argv: list[str]) -> tuple[TrainConfig, Launch]:
     """Parse a seed-style command line into the run's configuration and the launcher options: the one parse
     of a command line in any process."""
