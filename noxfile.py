@@ -17,17 +17,24 @@ nox.options.reuse_venv = "yes"
 TORCH_CPU = "torch==2.13.0"
 
 
-def install(session: nox.Session, extras: str = "test") -> None:
-    """torch's CPU wheel, then shardkit editable with ``extras``; skipped in a kept environment that already
-    holds them for this pyproject.toml (shardkit's own code is editable: a change to it needs no install)."""
-    wanted = hashlib.sha256(f"{TORCH_CPU} {extras} {Path('pyproject.toml').read_text()}".encode()).hexdigest()
-    stamp = Path(session.virtualenv.location) / f".shardkit-{extras}"
+def install_once(session: nox.Session, name: str, inputs: str, *installs: list[str]) -> None:
+    """Each of ``installs`` (pip's arguments), skipped in a kept environment whose stamp says they were made
+    from the same ``inputs`` (the files and pins they come from)."""
+    wanted = hashlib.sha256(inputs.encode()).hexdigest()
+    stamp = Path(session.virtualenv.location) / f".shardkit-{name}"
     if stamp.exists() and stamp.read_text() == wanted:
-        session.log(f"kept environment: torch and shardkit[{extras}] already installed")
+        session.log(f"kept environment: {name} already installed from these files")
         return
-    session.install(TORCH_CPU)
-    session.install("-e", f".[{extras}]")
+    for args in installs:
+        session.install(*args)
     stamp.write_text(wanted)
+
+
+def install(session: nox.Session, extras: str = "test") -> None:
+    """torch's CPU wheel, then shardkit editable with ``extras`` (shardkit's own code is editable: a change to
+    it needs no install, a change to pyproject.toml does)."""
+    install_once(session, extras, f"{TORCH_CPU} {extras} {Path('pyproject.toml').read_text()}",
+                 [TORCH_CPU], ["-e", f".[{extras}]"])
 
 
 def pytest(session: nox.Session, *args: str) -> None:
@@ -67,14 +74,17 @@ def smoke(session: nox.Session) -> None:
 def period(session: nox.Session) -> None:
     """The period image's stack on CPU, from its hash-locked files (Python 3.10, torch 2.0.1, transformers
     4.28.1, DeepSpeed 0.9.2, pydantic 1.10): the worker path's imports, the seed's dry runs, the refusals of
-    what needs a GPU there, the results document, the diff and report, the seed's DeepSpeed schedule (about
-    5 minutes, most of it the 3 GB download)."""
-    session.install("--require-hashes", "--no-deps", "-r", "requirements/build.lock")
-    session.install("--require-hashes", "-r", "requirements/period.lock")
-    session.install("--require-hashes", "--no-deps", "--no-build-isolation", "-r", "requirements/period-deepspeed.lock")
-    session.install("--no-deps", "--no-build-isolation", "-e", ".")
+    what needs a GPU there, the results document, the diff and report, the seed's DeepSpeed schedule (2-5
+    minutes the first time, most of it the 3 GB download; about 35 s in the kept environment)."""
+    locks = ["requirements/build.lock", "requirements/period.lock", "requirements/period-deepspeed.lock"]
+    # Kept between runs like the others: a second run neither downloads nor reinstalls the 3 GB stack.
+    install_once(session, "period", "".join(Path(name).read_text() for name in [*locks, "pyproject.toml"]),
+                 ["--require-hashes", "--no-deps", "-r", locks[0]],
+                 ["--require-hashes", "-r", locks[1]],
+                 ["--require-hashes", "--no-deps", "--no-build-isolation", "-r", locks[2]],
+                 ["--no-deps", "--no-build-isolation", "-e", "."],
+                 ["pytest"])
     session.run("pip", "check")
-    session.install("pytest")
     session.run("pytest", "tests/test_period.py", "tests/test_diff.py",
                 "tests/test_cli.py::test_seed_script_runs_as_dry_run_from_anywhere",
                 "tests/test_recipes.py::test_the_seeds_deepspeed_schedule_holds_the_first_two_steps_at_lr_zero",
