@@ -56,18 +56,62 @@ def test_models_are_named_as_users_write_them(written, hub_id):
     assert catalogued(written) == hub_id
 
 
-def test_a_local_folder_of_another_family_resolves_and_an_unknown_family_is_one_line(tmp_path):
-
-
+def test_a_local_folder_of_another_family_resolves_and_one_the_planner_cannot_describe_is_one_line(tmp_path):
     from shardkit.errors import UsageError
 
     (tmp_path / "config.json").write_text(json.dumps(catalogue()["Qwen/Qwen2.5-7B"]["config"]))
     name, config, weights = resolve_name(str(tmp_path))
     assert config["model_type"] == "qwen2" and weights is None
-    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(UsageError) as error:
-        architecture_of(json.loads((tmp_path / "config.json").read_text()), str(tmp_path / "config.json"))
-    assert "model_type 'gpt2' is not one the planner describes (llama, mistral" in str(error.value)
+    for model_type, says in [("gpt2", "its decoder layer GPT2Block holds ln_1.weight (3584,), ln_1.bias (3584,)"),
+                             ("no-such-family", "cannot build it as a causal LM (Unrecognized model identifier")]:
+        with pytest.raises(UsageError) as error:
+            architecture_of({**config, "model_type": model_type}, str(tmp_path / "config.json"))
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / 'config.json'}: model_type {model_type!r} (no rule here for it; "
+                                  "rules for llama, mistral") and says in message and "\n" not in message, message
+
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512, "bos_token_id": 0,
+        "eos_token_id": 0, "pad_token_id": 0}
+# Families with no rule in spec/architecture.py's table, each at tiny sizes with what sets it apart: read off
+# the model transformers builds (spec/inferred.py). Expected: head_dim (128 where the family defaults to it,
+# not hidden / heads), experts, tied (each family's default).
+NO_RULE = {
+    "granite": ({}, 16, 0, False), "cohere": ({}, 16, 0, True), "exaone4": ({}, 16, 0, False),
+    "seed_oss": ({}, 128, 0, False), "ernie4_5": ({}, 128, 0, True), "ministral3": ({}, 128, 0, False),
+    "gemma3_text": ({"head_dim": 32, "sliding_window": 64}, 32, 0, True),
+    "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [],
+                   "decoder_sparse_step": 1}, 16, 4, False),
+    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2}, 16, 4, False),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(NO_RULE))
+def test_a_family_without_a_rule_is_described_exactly_from_the_model_transformers_builds(model_type):
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    extra, head_dim, experts, tied = NO_RULE[model_type]
+    config = {**TINY, "model_type": model_type, **extra}
+    arch = architecture_of(config, model_type)
+    assert model_type not in FAMILIES and arch.inferred
+    assert (arch.kv_heads, arch.head_dim, arch.experts, arch.tied) == (2, head_dim, experts, tied)
+    model = build_model(ModelSpec(model_type, config, None), "eager", 0, meta=True)
+    assert arch.parameter_counts() == measured_parameter_counts(model)
+    layer = next(m for m in model.modules() if isinstance(m, decoder_layer_class(model)))
+    assert sorted(tuple(p.shape) for p in layer.parameters()) == sorted(arch.layer_shapes())
+    assert decoder_layer_class(model).__name__ == decoder_layer_of(config)
+
+
+def test_a_plan_for_a_family_without_a_rule_says_what_it_was_planned_from(tmp_path, capsys):
+    from shardkit.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "granite"}))
+    assert main(["plan", "--model", str(tmp_path), "--gpus", "2", "--gpu", "l4"]) == 0
+    out = capsys.readouterr().out
+    assert "note: model_type 'granite' has no rule in the planner's table" in out and "--trace" in out, out
 
 
 TRACES = json.loads((Path(__file__).resolve().parents[1] / "docs" / "planner-traces.json").read_text())

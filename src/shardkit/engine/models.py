@@ -3,18 +3,13 @@ applied from outside (``fsdp.py``, ``fsdp1.py``, ``zero3.py``, ``hf_trainer.py``
 
 from __future__ import annotations
 
+from ..spec.inferred import transformers_config
 from ..spec.presets import ModelSpec
-
-# Keys of a config.json that describe the file, not the model (its torch_dtype stays: transformers 5 builds in it).
-_NOT_ARCHITECTURE = ("architectures", "transformers_version", "_name_or_path")
 
 
 def model_config(spec: ModelSpec, attn_implementation: str):
     """The transformers config of the model's family (``model_type``), through the auto classes."""
-    from transformers import AutoConfig
-
-    values = {k: v for k, v in spec.hf_config.items() if k not in (*_NOT_ARCHITECTURE, "model_type")}
-    config = AutoConfig.for_model(spec.hf_config.get("model_type", "llama"), **values)
+    config = transformers_config(spec.hf_config)
     config._attn_implementation = attn_implementation
     config.use_cache = False
     return config

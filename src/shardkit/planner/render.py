@@ -27,7 +27,7 @@ def render(p: Prediction) -> str:
     lines.append(f"  optimizer: {p.optimizer}")
     lines.append(f"  => {p.summary()}")
     lines += render_time(p)
-    return "\n".join(lines)
+    return "\n".join(lines + _inferred_note(p))
 
 
 def render_time(p: Prediction) -> list[str]:
@@ -65,7 +65,16 @@ def render_search(found: list[Prediction], model: str, gpus: int, gpu_memory: in
     if faster:
         lines.append("Faster, but rejected:")
         lines += [_search_line(p) + f"  {p.rejected}" for p in faster]
-    return "\n".join(lines)
+    return "\n".join(lines + (_inferred_note(found[0]) if found else []))
+
+
+def _inferred_note(p: Prediction) -> list[str]:
+    shape = p.workload.shape
+    if not shape.inferred:
+        return []
+    return [f"note: model_type {shape.model_type!r} has no rule in the planner's table: its shapes were read off "
+            "the model transformers builds (parameter counts exact), its activation terms are LLaMA's layer's; "
+            "--trace runs its real modelling code"]
 
 
 def _search_line(p: Prediction) -> str:

@@ -4,8 +4,8 @@ resolved run's parameter counts need, with no torch import.
 transformers' modelling code decides the parameter shapes; this module restates them per family (the
 ``FAMILIES`` table) from the config keys each family's modelling file reads, and tests/test_models.py checks
 every catalogued model against ``AutoModelForCausalLM.from_config`` on the meta device, parameter for
-parameter count. A config of a family not in the table is refused with the families it knows: the engine can
-still build it (transformers' auto classes), but the planner would be guessing its shapes."""
+parameter count. A family not in the table is read off the model transformers builds (spec/inferred.py),
+and refused in one line where its layer is not one this description can hold."""
 
 from __future__ import annotations
 
@@ -83,10 +83,15 @@ class Architecture:
     context: int = 2048
     """max_position_embeddings: the longest sequence the model was made for."""
     model_type: str = "llama"
+    eager_only: bool = False
+    """transformers runs the model with eager attention only (no SDPA path in its modelling code)."""
+    inferred: bool = False
+    """Read off the model transformers builds (a family with no rule in ``FAMILIES``): its parameters are
+    exact, its activation terms LLaMA's (spec/inferred.py says what is not read)."""
 
     @property
     def sdpa(self) -> bool:
-        return FAMILIES[self.model_type].sdpa if self.model_type in FAMILIES else True
+        return not self.eager_only
 
     def __post_init__(self):
         if not self.kv_heads:
@@ -192,7 +197,12 @@ def _numel(dims: tuple[int, ...]) -> int:
 
 def decoder_layer_of(hf_config: dict) -> str:
     """The decoder layer class name of a config's family (for HF Trainer's wrap flag, which takes a name)."""
-    return FAMILIES[hf_config.get("model_type", "llama")].decoder_layer
+    family = FAMILIES.get(hf_config.get("model_type", "llama"))
+    if family is not None:
+        return family.decoder_layer
+    from .inferred import describe
+
+    return describe(hf_config, "the model", supported_families()).decoder_layer
 
 
 def supported_families() -> str:
@@ -202,14 +212,17 @@ def supported_families() -> str:
 def architecture_of(hf_config: dict, source: str) -> Architecture:
     """The description of a config.json's model; ``source`` names it in errors (a file, a catalogue id)."""
     model_type = hf_config.get("model_type", "llama")
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise UsageError(f"{source}: model_type {model_type!r} is not one the planner describes "
-                         f"({supported_families()})")
+    if not isinstance(model_type, str):
+        raise UsageError(f"{source}: model_type {model_type!r} is not a name")
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if not isinstance(hf_config.get(k), int)]
-    if missing:
+    if missing:  # a family's defaults would otherwise plan a model nobody wrote
         raise UsageError(f"{source}: no integer {', '.join(missing)}")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        from .inferred import describe
+
+        return describe(hf_config, source, supported_families()).architecture
     heads = hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim") or family.head_dim_default or 0
     attention_bias = bool(hf_config.get("attention_bias", False))
@@ -227,7 +240,8 @@ def architecture_of(hf_config: dict, source: str) -> Architecture:
         experts_per_token=int(hf_config.get("num_experts_per_tok") or 0) if experts else 0,
         logit_softcap=bool(hf_config.get("final_logit_softcapping")),
         attention_softcap=bool(hf_config.get("attn_logit_softcapping")),
-        context=int(hf_config.get("max_position_embeddings") or 2048), model_type=model_type)
+        context=int(hf_config.get("max_position_embeddings") or 2048), model_type=model_type,
+        eager_only=not family.sdpa)
 
 
 TABLE_SEQ_LEN = 2048
@@ -242,5 +256,6 @@ def default_seq_len(arch: Architecture) -> int:
 
 def runs_on_2023_stack(arch: Architecture) -> bool:
     """transformers 4.28 (the table's stack) builds LLaMA with as many key-value heads as heads, nothing else."""
-    return FAMILIES[arch.model_type].in_2023_stack and arch.kv_heads == arch.heads and arch.head_dim * arch.heads \
+    family = FAMILIES.get(arch.model_type)
+    return family is not None and family.in_2023_stack and arch.kv_heads == arch.heads and arch.head_dim * arch.heads \
         == arch.hidden and not (arch.qkv_bias or arch.mlp_bias or arch.tied)
