@@ -4,7 +4,8 @@ the model with it, else eager). Writes docs/planner-traces.json (the traces' fig
 made them) and prints a markdown table; tests/test_models.py holds the analytic model to these traces.
 
     python benchmarks/trace_vs_analytic.py [--only SUBSTRING] [--out docs/planner-traces.json]
-    python benchmarks/trace_vs_analytic.py --live-at-peak MODEL MICRO_BATCH SEQ_LEN
+    python benchmarks/trace_vs_analytic.py --table    # the table again, from the traces written
+    python benchmarks/trace_vs_analytic.py --live-at-peak MODEL MICRO_BATCH SEQ_LEN [--no-checkpointing]
 
 The second form prints one trace's live set at its peak (no allocator rounding), grouped by tensor size and
 by the phase each tensor was made in, beside the analytic terms: how docs/planner.md breaks a difference down.
@@ -42,7 +43,7 @@ PHASES = ["step 1 forward", "step 1 backward", "step 1 optimizer", "step 2 forwa
           "step 2 optimizer"]
 
 
-def live_at_peak(model: str, micro_batch: int, seq_len: int) -> None:
+def live_at_peak(model: str, micro_batch: int, seq_len: int, grad_ckpt: bool = True) -> None:
     import collections
 
     from shardkit import planner
@@ -53,7 +54,8 @@ def live_at_peak(model: str, micro_batch: int, seq_len: int) -> None:
 
     name, config, _ = resolve_name(model)
     attention = "sdpa" if architecture_of(config, name).sdpa else "eager"
-    events = trace.record_steps(ModelSpec(name, config, None), 8, micro_batch, seq_len, "today", attention, True)
+    events = trace.record_steps(ModelSpec(name, config, None), 8, micro_batch, seq_len, "today", attention,
+                                grad_ckpt)
     live, born, total, peak, at_peak, marks = {}, {}, 0, 0, {}, 0
     for event in events:
         if event[0] == "mark":
@@ -70,12 +72,38 @@ def live_at_peak(model: str, micro_batch: int, seq_len: int) -> None:
     for (size, phase), count in sorted(groups.items(), key=lambda g: -g[0][0] * g[1]):
         if size * count >= 2**25:
             print(f"  {size / 2**20:10.2f} MiB x {count:4d} = {size * count / 2**30:7.3f} GiB  made in {phase}")
-    w = planner.workload(name, Parallelism("fsdp", False), 8, micro_batch, True, 1, attention, seq_len,
+    w = planner.workload(name, Parallelism("fsdp", False), 8, micro_batch, grad_ckpt, 1, attention, seq_len,
                          beyond_context=True)
     for term in memory_model.terms(w, "today"):
         if term.device == "gpu" and term.kind == "live":
             print(f"  analytic {term.name:60s} {term.bytes / 2**30:8.3f} GiB  phase {term.phase or 'all'}")
     print(f"  analytic allocated {planner.predict(w, 'today').allocated / 2**30:.2f} GiB")
+
+
+def table(traces: list[dict]) -> str:
+    """docs/planner.md's table: allocated GiB, trace / analytic (the analytic's difference)."""
+    from shardkit import planner
+    from shardkit.spec.architecture import architecture_of
+    from shardkit.spec.parallelism import Parallelism
+    from shardkit.spec.presets import catalogue
+
+    cells, slowest = {}, {}
+    for t in traces:
+        arch = architecture_of(catalogue()[t["model"]]["config"], t["model"])
+        attention = "sdpa" if arch.sdpa else "eager"
+        w = planner.workload(t["model"], Parallelism("fsdp", False), 8, t["micro_batch"], True, 1, attention,
+                             t["seq_len"], beyond_context=True)
+        analytic = planner.predict(w, "today").allocated
+        cells[t["model"], t["micro_batch"], t["seq_len"]] = (
+            f"{t['allocated'] / 2**30:.1f} / {analytic / 2**30:.1f} ({analytic / t['allocated'] - 1:+.1%})")
+        slowest[t["model"]] = (attention, max(slowest.get(t["model"], ("", 0))[1], t["seconds"]))
+    head = " | ".join(f"mb {b}, {s}" for b, s in CASES)
+    lines = [f"| model | attention | {head} | slowest trace |", "| --- " * (len(CASES) + 3) + "|"]
+    for model in [m for m in catalogue() if m in slowest]:
+        attention, seconds = slowest[model]
+        row = " | ".join(cells.get((model, b, s), "-") for b, s in CASES)
+        lines.append(f"| {model} | {attention} | {row} | {seconds:.0f} s |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -89,12 +117,19 @@ def main() -> int:
     parser.add_argument("--only", default="")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "planner-traces.json")
     parser.add_argument("--live-at-peak", nargs=3, metavar=("MODEL", "MICRO_BATCH", "SEQ_LEN"))
+    parser.add_argument("--no-checkpointing", action="store_true", help="with --live-at-peak")
+    parser.add_argument("--table", action="store_true", help="print the table of the traces in --out and stop")
     args = parser.parse_args()
+    if args.no_checkpointing and not args.live_at_peak:
+        parser.error("--no-checkpointing goes with --live-at-peak (the table's traces checkpoint every layer)")
     if args.live_at_peak:
         model, micro_batch, seq_len = args.live_at_peak
-        live_at_peak(model, int(micro_batch), int(seq_len))
+        live_at_peak(model, int(micro_batch), int(seq_len), not args.no_checkpointing)
         return 0
     previous = json.loads(args.out.read_text())["traces"] if args.out.exists() else []
+    if args.table:
+        print(table(previous))
+        return 0
     done = {(t["model"], t["micro_batch"], t["seq_len"]): t for t in previous}
     dense = [h for h, e in catalogue().items() if not architecture_of(e["config"], h).moe and args.only in h]
     start = time.perf_counter()
@@ -115,6 +150,7 @@ def main() -> int:
             tmp = args.out.with_suffix(".tmp")
             tmp.write_text(json.dumps(document, indent=1) + "\n")
             tmp.replace(args.out)
+    print(table(list(done.values())))
     return 0
 
 
