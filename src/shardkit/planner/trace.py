@@ -131,12 +131,9 @@ def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = 
                  attention: str = "sdpa", grad_ckpt: bool = True, accumulation: int = 1,
                  steps: int = 2) -> list[tuple]:
     """Allocation events of ``steps`` training steps of ``accumulation`` micro-batches each, of rank 0 of
-    ``world`` ranks (bf16 compute, the stack's reduce dtype, AdamW one tensor at a time: its foreach path does not trace under fake tensors)."""
+    ``world`` ranks (bf16 compute, the stack's reduce dtype, AdamW one tensor at a time: its foreach path does
+    not trace under fake tensors)."""
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from ..engine import fsdp1
-    from ..engine.models import build_model, enable_checkpointing
 
     _fake_world(world)
     vocab = spec.hf_config["vocab_size"]
@@ -157,51 +154,86 @@ def record_steps(spec, world: int, micro_batch: int, seq_len: int, stack: str = 
 
     torch.UntypedStorage.resize_, torch.cpu.stream = resize_, stream
     try:
-        if stack != "2023":  # FSDP2 shards on the meta device, outside fake mode (its device mesh reads ranks)
-            model = fake_rank_model(spec, world, attention, grad_ckpt)
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            if stack == "2023":
-                model = build_model(spec, attention, 0, dtype=torch.float32)
-                if grad_ckpt:
-                    enable_checkpointing(model, reentrant=True)
-                with recorder:
-                    model = fsdp1.wrap_2023(model, True, False, torch.device("cpu"))
-            else:
-                model.to_empty(device="cpu")
-            with recorder:
-                for p in model.parameters():
-                    recorder.note((p.to_local() if hasattr(p, "to_local") else p).untyped_storage())
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
-                ids = torch.randint(0, vocab, (micro_batch, seq_len))
-                for _ in range(steps):
-                    for micro in range(accumulation):
-                        # The engines' accumulation: FSDP2 reduces every micro-batch; FSDP1 as HF 4.28 ran it
-                        # keeps unsharded gradients under no_sync() until the step's last one.
-                        last = micro == accumulation - 1
-                        with contextlib.nullcontext() if stack != "2023" or last else model.no_sync():
-                            if stack == "2023":
-                                loss = fsdp1.loss_2023(model, {"input_ids": ids, "labels": ids}, vocab)
-                            else:
-                                loss = model(input_ids=ids, labels=ids).loss
-                            recorder.mark("forward")
-                            (loss / accumulation).backward()
-                            del loss
-                        recorder.mark("backward")
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
-                    optimizer.step()
-                    # DTensor runs the optimizer's ops on the local shards below this mode: note the states
-                    # it created (the first step allocates them).
-                    for state in optimizer.state.values():
-                        for value in state.values():
-                            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                                local = value.to_local() if hasattr(value, "to_local") else value
-                                recorder.note(local.untyped_storage())
-                    optimizer.zero_grad(set_to_none=True)
-                    recorder.mark("step")
-            del model, optimizer
-            gc.collect()
+        masks = _masks_as_a_run_makes_them() if stack != "2023" else contextlib.nullcontext()
+        with masks:
+            return _steps(spec, world, micro_batch, seq_len, stack, attention, grad_ckpt, accumulation, steps,
+                          recorder, vocab)
     finally:
         torch.UntypedStorage.resize_, torch.cpu.stream = original_resize, original_stream
+
+
+@contextlib.contextmanager
+def _masks_as_a_run_makes_them():
+    """transformers leaves out the causal mask under SDPA (``is_causal``, grouped key-value heads passed as
+    they are) only once it has read the positions and found no packed sequences, which it will not do on a
+    fake tensor: it would build a T x T mask, repeat k and v to every head and keep both for the backward,
+    which a run on real tensors does not (measured on a Llama-3.1-8B layer at 8192 tokens: 224 MiB more,
+    7 GiB over 32 layers without checkpointing). The trace's sequences are one each, as the engine's are."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from transformers import masking_utils
+
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda positions: (
+        None if isinstance(positions, FakeTensor) else original(positions))
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+def _steps(spec, world, micro_batch, seq_len, stack, attention, grad_ckpt, accumulation, steps, recorder, vocab):
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ..engine import fsdp1
+    from ..engine.models import build_model, enable_checkpointing
+
+    if stack != "2023":  # FSDP2 shards on the meta device, outside fake mode (its device mesh reads ranks)
+        model = fake_rank_model(spec, world, attention, grad_ckpt)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        if stack == "2023":
+            model = build_model(spec, attention, 0, dtype=torch.float32)
+            if grad_ckpt:
+                enable_checkpointing(model, reentrant=True)
+            with recorder:
+                model = fsdp1.wrap_2023(model, True, False, torch.device("cpu"))
+        else:
+            model.to_empty(device="cpu")
+        with recorder:
+            for p in model.parameters():
+                recorder.note((p.to_local() if hasattr(p, "to_local") else p).untyped_storage())
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=False)
+            ids = torch.randint(0, vocab, (micro_batch, seq_len))
+            for _ in range(steps):
+                for micro in range(accumulation):
+                    # The engines' accumulation: FSDP2 reduces every micro-batch; FSDP1 as HF 4.28 ran it
+                    # keeps unsharded gradients under no_sync() until the step's last one.
+                    last = micro == accumulation - 1
+                    with contextlib.nullcontext() if stack != "2023" or last else model.no_sync():
+                        if stack == "2023":
+                            loss = fsdp1.loss_2023(model, {"input_ids": ids, "labels": ids}, vocab)
+                        else:
+                            loss = model(input_ids=ids, labels=ids).loss
+                        recorder.mark("forward")
+                        (loss / accumulation).backward()
+                        del loss
+                    recorder.mark("backward")
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
+                optimizer.step()
+                # DTensor runs the optimizer's ops on the local shards below this mode: note the states
+                # it created (the first step allocates them).
+                for state in optimizer.state.values():
+                    for value in state.values():
+                        if isinstance(value, torch.Tensor) and value.dim() > 0:
+                            local = value.to_local() if hasattr(value, "to_local") else value
+                            recorder.note(local.untyped_storage())
+                optimizer.zero_grad(set_to_none=True)
+                recorder.mark("step")
+        del model, optimizer
+        gc.collect()
     return recorder.events
 
 
