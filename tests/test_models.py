@@ -154,17 +154,25 @@ def test_the_committed_traces_are_what_the_trace_mode_gives_now(model):
     assert now.allocated == recorded["allocated"] and now.reserved == recorded["reserved"]
 
 
-def test_a_trace_runs_sdpa_without_a_mask_and_with_grouped_heads_as_a_real_run_does():
+def test_a_trace_runs_sdpa_without_a_mask_and_with_grouped_heads_as_a_real_run_does(monkeypatch):
     """transformers reads the positions to skip the causal mask, which it will not on fake tensors: without
-    the trace's correction it builds a T x T mask, repeats k and v to every head, and a Llama-3.1-8B trace
-    without checkpointing at 8192 tokens held 7 GiB (9%) more than a real run would. The shapes here make a
-    T x T bool mask's size one that no other tensor has, and the repeated k a size the unrepeated does not."""
+    the trace's correction it passes SDPA a T x T mask and k and v repeated to every head, and a Llama-3.1-8B
+    trace without checkpointing at 8192 tokens held 7 GiB (9%) more than a real run would."""
+    import torch
+    from transformers import masking_utils
+
     from shardkit.planner.trace import record_steps
 
-    seq_len, config = 640, {**TINY, "model_type": "llama", "hidden_size": 256, "num_attention_heads": 8,
-                            "intermediate_size": 512, "max_position_embeddings": 1024}
-    sizes = {e[2] for e in record_steps(ModelSpec("tiny-gqa", config, None), 2, 1, seq_len, "today", "sdpa",
-                                        grad_ckpt=False) if e[0] == "alloc"}
-    head_dim = 256 // 8
-    assert seq_len * seq_len not in sizes  # the bool mask
-    assert seq_len * 2 * head_dim * 2 in sizes  # k and v at their two heads, bf16
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def seen(query, key, value, attn_mask=None, *args, **kwargs):
+        calls.append((key.shape[1], attn_mask is None, kwargs.get("is_causal")))
+        return sdpa(query, key, value, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", seen)
+    packed = masking_utils.find_packed_sequence_indices
+    config = {**TINY, "model_type": "llama", "hidden_size": 256, "num_attention_heads": 8,
+              "intermediate_size": 512, "max_position_embeddings": 1024}
+    record_steps(ModelSpec("tiny-gqa", config, None), 2, 1, 640, "today", "sdpa", grad_ckpt=False, steps=1)
+    assert calls and set(calls) == {(2, True, True)}, calls  # 2 key-value heads of 8, no mask, causal
+    assert masking_utils.find_packed_sequence_indices is packed

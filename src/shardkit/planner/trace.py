@@ -19,6 +19,7 @@ figures stand."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import resource
 import time
@@ -170,14 +171,21 @@ def _masks_as_a_run_makes_them():
     which a run on real tensors does not (measured on a Llama-3.1-8B layer at 8192 tokens: 224 MiB more,
     7 GiB over 32 layers without checkpointing). The trace's sequences are one each, as the engine's are."""
     from torch._subclasses.fake_tensor import FakeTensor
-    from transformers import masking_utils
 
+    try:  # transformers before 4.53 has no masking_utils: it decided the mask without reading positions
+        from transformers import masking_utils
+    except ImportError:
+        masking_utils = None
     original = getattr(masking_utils, "find_packed_sequence_indices", None)
     if original is None:
         yield
         return
-    masking_utils.find_packed_sequence_indices = lambda positions: (
-        None if isinstance(positions, FakeTensor) else original(positions))
+
+    @functools.wraps(original)
+    def one_sequence_each(position_ids, *args, **kwargs):
+        return None if isinstance(position_ids, FakeTensor) else original(position_ids, *args, **kwargs)
+
+    masking_utils.find_packed_sequence_indices = one_sequence_each
     try:
         yield
     finally:
