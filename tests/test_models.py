@@ -74,16 +74,18 @@ def test_a_local_folder_of_another_family_resolves_and_one_the_planner_cannot_de
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 512, "bos_token_id": 0,
         "eos_token_id": 0, "pad_token_id": 0}
-# Families with no rule in spec/architecture.py's table, each at tiny sizes with what sets it apart: read off
-# the model transformers builds (spec/inferred.py). Expected: head_dim (128 where the family defaults to it,
-# not hidden / heads), experts, tied (each family's default).
+# Families with no rule in spec/architecture.py's table, each at tiny sizes with what sets it apart, and what
+# each family's modelling code is known to give: head_dim (128 where the family fixes it, not hidden / heads),
+# the MLP's or each expert's intermediate size, experts, weight-only norms per layer (Cohere's one before its
+# parallel attention and MLP, Gemma 3's four), per-head q/k norms, q/k/v biases (Seed-OSS's), tied embeddings.
 NO_RULE = {
-    "granite": ({}, 16, 0, False), "cohere": ({}, 16, 0, True), "exaone4": ({}, 16, 0, False),
-    "seed_oss": ({}, 128, 0, False), "ernie4_5": ({}, 128, 0, True), "ministral3": ({}, 128, 0, False),
-    "gemma3_text": ({"head_dim": 32, "sliding_window": 64}, 32, 0, True),
+    "granite": ({}, 16, 128, 0, 2, False, False, False), "cohere": ({}, 16, 128, 0, 1, False, False, True),
+    "exaone4": ({}, 16, 128, 0, 2, True, False, False), "seed_oss": ({}, 128, 128, 0, 2, False, True, False),
+    "ernie4_5": ({}, 128, 128, 0, 2, False, False, True), "ministral3": ({}, 128, 128, 0, 2, False, False, False),
+    "gemma3_text": ({"head_dim": 32, "sliding_window": 64}, 32, 128, 0, 4, True, False, True),
     "qwen3_moe": ({"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "mlp_only_layers": [],
-                   "decoder_sparse_step": 1}, 16, 4, False),
-    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2}, 16, 4, False),
+                   "decoder_sparse_step": 1}, 16, 32, 4, 2, True, False, False),
+    "granitemoe": ({"num_local_experts": 4, "num_experts_per_tok": 2}, 16, 128, 4, 2, False, False, False),
 }
 
 
@@ -93,16 +95,47 @@ def test_a_family_without_a_rule_is_described_exactly_from_the_model_transformer
 
     if model_type not in CONFIG_MAPPING:
         pytest.skip(f"this transformers has no {model_type}")
-    extra, head_dim, experts, tied = NO_RULE[model_type]
+    extra, *expected = NO_RULE[model_type]
     config = {**TINY, "model_type": model_type, **extra}
     arch = architecture_of(config, model_type)
     assert model_type not in FAMILIES and arch.inferred
-    assert (arch.kv_heads, arch.head_dim, arch.experts, arch.tied) == (2, head_dim, experts, tied)
+    assert arch.kv_heads == 2 and [arch.head_dim, arch.intermediate, arch.experts, arch.norms_per_layer,
+                                   arch.qk_norm, arch.qkv_bias, arch.tied] == expected
     model = build_model(ModelSpec(model_type, config, None), "eager", 0, meta=True)
     assert arch.parameter_counts() == measured_parameter_counts(model)
-    layer = next(m for m in model.modules() if isinstance(m, decoder_layer_class(model)))
-    assert sorted(tuple(p.shape) for p in layer.parameters()) == sorted(arch.layer_shapes())
     assert decoder_layer_class(model).__name__ == decoder_layer_of(config)
+
+
+# Published configs' own keys at tiny sizes, for families whose layer the description cannot hold.
+CANNOT_HOLD = {
+    "gpt2": ({"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 256}, "attn.c_attn.weight (64, 192)"),
+    "phi3": ({**TINY, "num_key_value_heads": 4}, "self_attn.qkv_proj.weight (192, 64)"),
+    "olmo2": ({**TINY, "num_key_value_heads": 4}, "holds self_attn.q_norm.weight (64,), self_attn.k_norm"),
+    "falcon": ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256},
+               "self_attention.query_key_value.weight"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(CANNOT_HOLD))
+def test_a_family_whose_layer_the_description_cannot_hold_is_one_line_naming_what_it_holds(model_type):
+    from shardkit.errors import UsageError
+
+    config, says = CANNOT_HOLD[model_type]
+    with pytest.raises(UsageError) as error:
+        architecture_of({**config, "model_type": model_type}, "folder/config.json")
+    message = str(error.value)
+    assert message.startswith(f"folder/config.json: model_type {model_type!r} (no rule here") and says in message \
+        and "\n" not in message, message
+
+
+def test_a_family_without_a_rule_plans_only_the_sizes_its_file_gives():
+    from shardkit.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"model_type 'gpt2' .*: no integer hidden_size \(n_embd\)$"):
+        architecture_of({"model_type": "gpt2", "n_layer": 2, "n_head": 4, "vocab_size": 256}, "c.json")
+    with pytest.raises(UsageError, match=r"model_type 'granite' .*: no integer intermediate_size$"):
+        architecture_of({k: v for k, v in TINY.items() if k != "intermediate_size"} | {"model_type": "granite"},
+                        "c.json")
 
 
 def test_a_plan_for_a_family_without_a_rule_says_what_it_was_planned_from(tmp_path, capsys):

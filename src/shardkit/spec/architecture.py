@@ -1,5 +1,5 @@
 """One description of a decoder-only causal LM, read from its config.json: what the planner's terms and the
-resolved run's parameter counts need, with no torch import.
+resolved run's parameter counts need, with no torch import for the families in its table.
 
 transformers' modelling code decides the parameter shapes; this module restates them per family (the
 ``FAMILIES`` table) from the config keys each family's modelling file reads, and tests/test_models.py checks
@@ -214,15 +214,15 @@ def architecture_of(hf_config: dict, source: str) -> Architecture:
     model_type = hf_config.get("model_type", "llama")
     if not isinstance(model_type, str):
         raise UsageError(f"{source}: model_type {model_type!r} is not a name")
+    family = FAMILIES.get(model_type)
+    if family is None:  # its own config class reads its keys (GPT-2's n_embd, ...)
+        from .inferred import describe
+
+        return describe(hf_config, source, supported_families()).architecture
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if not isinstance(hf_config.get(k), int)]
     if missing:  # a family's defaults would otherwise plan a model nobody wrote
         raise UsageError(f"{source}: no integer {', '.join(missing)}")
-    family = FAMILIES.get(model_type)
-    if family is None:
-        from .inferred import describe
-
-        return describe(hf_config, source, supported_families()).architecture
     heads = hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim") or family.head_dim_default or 0
     attention_bias = bool(hf_config.get("attention_bias", False))
